@@ -1,0 +1,8 @@
+from .configuration_sparse_vit import SparseViTConfig
+from .modeling_sparse_vit import (
+    SparseViTForImageClassification,
+    SparseViTImageClassifierOutput,
+    SparseViTModel,
+    SparseViTModelOutput,
+    SparseViTPreTrainedModel,
+)

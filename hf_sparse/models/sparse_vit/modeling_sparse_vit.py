@@ -1,0 +1,628 @@
+"""PyTorch SparseViT: a ViT whose patch tokens (level 2) and attention connections (level 3) can be pruned.
+
+Self-contained (only `from .x import` inside this folder and public transformers API), so the folder can be shipped
+to the Hub as remote code.
+
+Token and attention sparsity happen in the pruning layers (`config.token_pruning_layers`), after the attention
+residual and before the MLP:
+  * level 2 keeps the prefix tokens plus the `ceil(n * token_keep_ratio)` patch tokens that receive the most
+    head-averaged CLS attention (optionally fusing the rest into one token);
+  * level 3 keeps, for each remaining patch query, the `ceil(k * attention_keep_ratio)` patch keys with the most
+    head-averaged attention, and applies that boolean mask in the following layers up to and including the next
+    pruning layer's attention. Prefix and fused tokens always keep their rows and columns.
+Selection scores come from a separate no-grad computation on this layer's queries and keys, softmaxed without any
+mask in force, in float32, so the main attention stays a fused SDPA call and an earlier mask cannot create ties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_sparse_vit import SparseViTConfig
+
+
+@dataclass
+class SparseViTModelOutput(BaseModelOutputWithPooling):
+    r"""
+    kept_patch_indices (`tuple(torch.LongTensor)`, *optional*):
+        For each pruning layer that dropped tokens, the original indices (0-based, row-major over the patch grid) of
+        the patch tokens kept after it, shape `(batch_size, kept_patches)`.
+    cls_attention_variance (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
+        Variance over the patch keys of the last layer's head-averaged CLS attention (returned when
+        `output_cls_attention_variance=True`; used to break ties in example pruning).
+    """
+
+    kept_patch_indices: tuple[torch.LongTensor, ...] | None = None
+    cls_attention_variance: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseViTImageClassifierOutput(ImageClassifierOutput):
+    r"""
+    kept_patch_indices, cls_attention_variance: see [`SparseViTModelOutput`].
+    """
+
+    kept_patch_indices: tuple[torch.LongTensor, ...] | None = None
+    cls_attention_variance: torch.FloatTensor | None = None
+
+
+@dataclass
+class TokenState:
+    """What the layers after a pruning layer need to know about the current token sequence."""
+
+    patch_ids: torch.LongTensor  # (batch, patches): original index of each remaining patch token
+    num_special_tokens: int  # prefix tokens, plus one once a fused token exists
+    attention_mask: torch.BoolTensor | None = None  # (batch, 1, tokens, tokens), True = attend
+
+
+def keep_count(total: int, ratio: float) -> int:
+    """`ceil(total * ratio)`, robust to float noise (0.7 * 100 is 70.00000000000001), and at least 1."""
+    return max(1, math.ceil(round(total * ratio, 6)))
+
+
+class SparseViTPatchEmbeddings(nn.Module):
+    """Turns `pixel_values` `(batch, channels, height, width)` into patch embeddings `(batch, patches, hidden)`."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        image_size = _pair(config.image_size)
+        patch_size = _pair(config.patch_size)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = config.num_channels
+        self.num_patches = (image_size[0] // patch_size[0]) * (image_size[1] // patch_size[1])
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects `num_channels`="
+                f"{self.num_channels}."
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class SparseViTEmbeddings(nn.Module):
+    """CLS token (plus DeiT's distillation token), patch embeddings and position embeddings."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.distillation_token = (
+            nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_distillation_token else None
+        )
+        self.patch_embeddings = SparseViTPatchEmbeddings(config)
+        num_positions = self.patch_embeddings.num_patches + self.num_prefix_tokens
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.patch_size = self.patch_embeddings.patch_size
+        self.image_size = self.patch_embeddings.image_size
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Bicubic interpolation of the patch position embeddings to another image size (as HF ViT does)."""
+        num_patches = embeddings.shape[1] - self.num_prefix_tokens
+        num_positions = self.position_embeddings.shape[1] - self.num_prefix_tokens
+        if num_patches == num_positions and height == width:
+            return self.position_embeddings
+        prefix_positions = self.position_embeddings[:, : self.num_prefix_tokens]
+        patch_positions = self.position_embeddings[:, self.num_prefix_tokens :]
+        dim = embeddings.shape[-1]
+        side = int(num_positions**0.5)
+        patch_positions = patch_positions.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        patch_positions = nn.functional.interpolate(
+            patch_positions,
+            size=(height // self.patch_size[0], width // self.patch_size[1]),
+            mode="bicubic",
+            align_corners=False,
+        )
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((prefix_positions, patch_positions), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        embeddings = self.patch_embeddings(pixel_values)
+        prefix = [self.cls_token.expand(batch_size, -1, -1)]
+        if self.distillation_token is not None:
+            prefix.append(self.distillation_token.expand(batch_size, -1, -1))
+        embeddings = torch.cat((*prefix, embeddings), dim=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(embeddings, height, width)
+        else:
+            if (height, width) != tuple(self.image_size):
+                raise ValueError(
+                    f"Input image size ({height}*{width}) doesn't match model ({self.image_size[0]}*"
+                    f"{self.image_size[1]}); pass `interpolate_pos_encoding=True` to interpolate the position embeddings."
+                )
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention; a boolean `attention_mask` (True = attend) gives exactly zero probability elsewhere."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, float("-inf"))
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class SparseViTAttention(nn.Module):
+    """Multi-head self-attention. Also returns its queries and keys, from which the pruning layer ranks tokens."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False  # SDPA would assume causal otherwise
+        inner_size = self.num_attention_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(inner_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.BoolTensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        # Attention maps exist only in the eager implementation: use it for calls that ask for them.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights, query_states, key_states
+
+
+class SparseViTMLP(nn.Module):
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+@torch.no_grad()
+def cls_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head-averaged attention of the CLS query over all keys, `(batch, tokens)`, float32, no mask in force."""
+    logits = torch.matmul(query[:, :, :1].float(), key.float().transpose(2, 3)) * scaling
+    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+
+
+class SparseViTTokenSparsifier(nn.Module):
+    """Levels 2 and 3 of Tri-Level E-ViT, applied in a pruning layer; has no parameters."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.token_fusion = config.token_fusion
+        self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        state: TokenState,
+        token_keep_ratio: float,
+        attention_keep_ratio: float,
+    ) -> tuple[torch.Tensor, TokenState]:
+        num_special = previous_special = state.num_special_tokens
+        num_patches = hidden_states.shape[1] - num_special
+        kept = keep_count(num_patches, token_keep_ratio)
+        kept_positions = None  # indices into the current patch tokens, (batch, kept)
+        if kept < num_patches:
+            scores = cls_attention(query, key, self.scaling)
+            kept_positions = scores[:, num_special:].topk(kept, dim=1).indices.sort(dim=1).values
+            hidden_states, num_special = self._select_tokens(hidden_states, scores, kept_positions, num_special)
+            state = TokenState(patch_ids=state.patch_ids.gather(1, kept_positions), num_special_tokens=num_special)
+        else:
+            state = TokenState(patch_ids=state.patch_ids, num_special_tokens=num_special)
+        if attention_keep_ratio < 1.0:
+            state.attention_mask = self._connection_mask(
+                query, key, previous_special, kept_positions, num_special, attention_keep_ratio
+            )
+        return hidden_states, state
+
+    def _select_tokens(
+        self, hidden_states: torch.Tensor, scores: torch.Tensor, kept_positions: torch.Tensor, num_special: int
+    ) -> tuple[torch.Tensor, int]:
+        patches = hidden_states[:, num_special:]
+        index = kept_positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+        kept_patches = patches.gather(1, index)
+        if not self.token_fusion:
+            return torch.cat((hidden_states[:, :num_special], kept_patches), dim=1), num_special
+        # EViT-style fusion: one token, the CLS-attention-weighted mean of the dropped patches and of the previous
+        # fused token (if any), so there is never more than one fused token.
+        weights = scores[:, num_special:].scatter(1, kept_positions, 0.0).to(hidden_states.dtype)
+        fused = torch.einsum("bn,bnd->bd", weights, patches)
+        total = weights.sum(dim=1)
+        if num_special > self.num_prefix_tokens:
+            previous_weight = scores[:, self.num_prefix_tokens].to(hidden_states.dtype)
+            fused = fused + previous_weight[:, None] * hidden_states[:, self.num_prefix_tokens]
+            total = total + previous_weight
+        fused = (fused / total.clamp_min(torch.finfo(total.dtype).tiny)[:, None]).unsqueeze(1)
+        prefix = hidden_states[:, : self.num_prefix_tokens]
+        return torch.cat((prefix, fused, kept_patches), dim=1), self.num_prefix_tokens + 1
+
+    @torch.no_grad()
+    def _connection_mask(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        previous_special: int,
+        kept_positions: torch.Tensor | None,
+        num_special: int,
+        attention_keep_ratio: float,
+    ) -> torch.BoolTensor | None:
+        """Top keys per patch query from the head-averaged attention among the kept tokens, as a boolean mask.
+
+        The keys ranked are those this layer computed for the prefix tokens and the kept patches (a fused token is
+        special: its row and column are kept whatever the scores). `query`/`key` cover the sequence before selection.
+        """
+        prefix = self.num_prefix_tokens
+        patch_query, patch_key = query[:, :, previous_special:], key[:, :, previous_special:]
+        if kept_positions is not None:
+            index = kept_positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
+            patch_query, patch_key = patch_query.gather(2, index), patch_key.gather(2, index)
+        ranked_keys = torch.cat((key[:, :, :prefix], patch_key), dim=2).float()
+        logits = torch.matmul(patch_query.float(), ranked_keys.transpose(2, 3)) * self.scaling
+        probs = logits.softmax(dim=-1).mean(dim=1)[:, :, prefix:]  # (batch, patch queries, patch keys)
+        num_patches = probs.shape[-1]
+        kept_keys = keep_count(num_patches, attention_keep_ratio)
+        if kept_keys >= num_patches:
+            return None
+        patch_block = torch.zeros_like(probs, dtype=torch.bool)
+        patch_block.scatter_(2, probs.topk(kept_keys, dim=-1).indices, True)
+        total = num_special + num_patches
+        mask = torch.ones(probs.shape[0], 1, total, total, dtype=torch.bool, device=probs.device)
+        mask[:, 0, num_special:, num_special:] = patch_block
+        return mask
+
+
+class SparseViTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block; a pruning layer sparsifies tokens and connections between attention and MLP."""
+
+    def __init__(self, config: SparseViTConfig, layer_index: int):
+        super().__init__()
+        self.attention = SparseViTAttention(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SparseViTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.sparsifier = SparseViTTokenSparsifier(config) if layer_index in config.token_pruning_layers else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: TokenState,
+        token_keep_ratio: float = 1.0,
+        attention_keep_ratio: float = 1.0,
+        output_attentions: bool = False,
+        output_cls_attention_variance: bool = False,
+    ) -> tuple[torch.Tensor, TokenState, torch.Tensor | None, torch.Tensor | None]:
+        residual = hidden_states
+        attention_output, attention_weights, query, key = self.attention(
+            self.layernorm_before(hidden_states), state.attention_mask, output_attentions
+        )
+        hidden_states = self.dropout(attention_output) + residual
+
+        cls_attention_variance = None
+        if output_cls_attention_variance:
+            patch_attention = cls_attention(query, key, self.attention.scaling)[:, state.num_special_tokens :]
+            cls_attention_variance = patch_attention.var(dim=1, unbiased=False)
+        if self.sparsifier is not None and (token_keep_ratio < 1.0 or attention_keep_ratio < 1.0):
+            hidden_states, state = self.sparsifier(
+                hidden_states, query, key, state, token_keep_ratio, attention_keep_ratio
+            )
+
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, state, attention_weights, cls_attention_variance
+
+
+class SparseViTEncoder(nn.Module):
+    """The stack of layers, plus the sparsity ratios in force (the config's until `set_sparsity` changes them)."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([SparseViTLayer(config, index) for index in range(config.num_hidden_layers)])
+        self.token_keep_ratio = config.token_keep_ratio
+        self.attention_keep_ratio = config.attention_keep_ratio
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        output_cls_attention_variance: bool = False,
+    ) -> SparseViTModelOutput:
+        batch_size, sequence_length = hidden_states.shape[:2]
+        num_prefix = self.config.num_prefix_tokens
+        patch_ids = torch.arange(sequence_length - num_prefix, device=hidden_states.device)
+        state = TokenState(patch_ids=patch_ids.expand(batch_size, -1), num_special_tokens=num_prefix)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        kept_patch_indices = []
+        cls_attention_variance = None
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            num_tokens = hidden_states.shape[1]
+            hidden_states, state, attention_weights, variance = layer(
+                hidden_states,
+                state=state,
+                token_keep_ratio=self.token_keep_ratio,
+                attention_keep_ratio=self.attention_keep_ratio,
+                output_attentions=output_attentions,
+                output_cls_attention_variance=output_cls_attention_variance and index == last,
+            )
+            if hidden_states.shape[1] != num_tokens:
+                kept_patch_indices.append(state.patch_ids)
+            if variance is not None:
+                cls_attention_variance = variance
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attention_weights,)
+        return SparseViTModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            kept_patch_indices=tuple(kept_patch_indices) if kept_patch_indices else None,
+            cls_attention_variance=cls_attention_variance,
+        )
+
+
+class SparseViTPooler(nn.Module):
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.pooler_output_size)
+        self.activation = ACT2FN[config.pooler_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class SparseViTPreTrainedModel(PreTrainedModel):
+    config_class = SparseViTConfig
+    config: SparseViTConfig
+    base_model_prefix = "sparse_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SparseViTEmbeddings", "SparseViTLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear/Conv: normal(0, initializer_range), zero bias; LayerNorm: 1 and 0
+        if isinstance(module, SparseViTEmbeddings):
+            std = self.config.initializer_range
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if module.distillation_token is not None:
+                init.trunc_normal_(module.distillation_token, mean=0.0, std=std)
+
+    def _sparse_vit_encoder(self) -> SparseViTEncoder:
+        base = getattr(self, self.base_model_prefix, self)
+        return base.encoder
+
+    def set_sparsity(self, token_keep_ratio: float | None = None, attention_keep_ratio: float | None = None) -> None:
+        """Change the token and/or attention keep ratios in force, without touching the config or the weights.
+
+        Schedules (the Tri-Level trainer) call this every step. The config keeps the ratios that `save_pretrained`
+        writes and `from_pretrained` restores; `reset_sparsity()` goes back to them.
+        """
+        encoder = self._sparse_vit_encoder()
+        if token_keep_ratio is not None:
+            encoder.token_keep_ratio = _ratio("token_keep_ratio", token_keep_ratio)
+        if attention_keep_ratio is not None:
+            encoder.attention_keep_ratio = _ratio("attention_keep_ratio", attention_keep_ratio)
+
+    def get_sparsity(self) -> dict[str, float]:
+        encoder = self._sparse_vit_encoder()
+        return {"token_keep_ratio": encoder.token_keep_ratio, "attention_keep_ratio": encoder.attention_keep_ratio}
+
+    def reset_sparsity(self) -> None:
+        self.set_sparsity(self.config.token_keep_ratio, self.config.attention_keep_ratio)
+
+
+class SparseViTModel(SparseViTPreTrainedModel):
+    def __init__(self, config: SparseViTConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = SparseViTEmbeddings(config)
+        self.encoder = SparseViTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = SparseViTPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> SparseViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_cls_attention_variance: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SparseViTModelOutput | tuple:
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values`.")
+        output_attentions = _config_default(self.config, "output_attentions", output_attentions)
+        output_hidden_states = _config_default(self.config, "output_hidden_states", output_hidden_states)
+        return_dict = _config_default(self.config, "return_dict", return_dict, default=True)
+
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        embedding_output = self.embeddings(
+            pixel_values.to(expected_dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
+        )
+        encoder_outputs = self.encoder(
+            embedding_output,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_cls_attention_variance=output_cls_attention_variance,
+        )
+        sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
+        output = SparseViTModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+            kept_patch_indices=encoder_outputs.kept_patch_indices,
+            cls_attention_variance=encoder_outputs.cls_attention_variance,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SparseViTForImageClassification(SparseViTPreTrainedModel):
+    """SparseViT with a linear classifier on the final CLS token (as HF ViT and DeiT's `ForImageClassification`)."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.sparse_vit = SparseViTModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> SparseViTPatchEmbeddings:
+        return self.sparse_vit.get_input_embeddings()
+
+    @classmethod
+    def from_vit(cls, source, **config_overrides) -> "SparseViTForImageClassification":
+        """Convert an HF `ViTForImageClassification` or `DeiTForImageClassification` (a model object or a local
+        checkpoint directory) to SparseViT with the same weights.
+
+        `config_overrides` set SparseViT fields (`token_keep_ratio`, `attention_keep_ratio`, `token_fusion`,
+        `token_pruning_layers`, ...) and `attn_implementation` ("eager" or "sdpa"). DeiT's distillation token becomes
+        a second prefix token. `DeiTForImageClassificationWithTeacher` is refused: its two-head average has no
+        SparseViT equivalent. Every parameter is checked: a missing, unexpected or mis-shaped key is an error.
+        """
+        from .convert_vit import convert_vit_to_sparse_vit
+
+        return convert_vit_to_sparse_vit(source, cls, **config_overrides)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_cls_attention_variance: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SparseViTImageClassifierOutput | tuple:
+        return_dict = _config_default(self.config, "return_dict", return_dict, default=True)
+        outputs = self.sparse_vit(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_cls_attention_variance=output_cls_attention_variance,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        output = SparseViTImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            kept_patch_indices=outputs.kept_patch_indices,
+            cls_attention_variance=outputs.cls_attention_variance,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: SparseViTConfig) -> torch.Tensor:
+    """Cross-entropy, BCE or MSE by `config.problem_type`, inferred on first use as transformers does."""
+    labels = labels.to(logits.device)
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif config.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
+    if config.problem_type == "single_label_classification":
+        return nn.functional.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _ratio(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1] (1.0 turns it off), got {value!r}.")
+    return float(value)
+
+
+def _config_default(config: SparseViTConfig, name: str, value: bool | None, default: bool = False) -> bool:
+    if value is not None:
+        return value
+    configured = getattr(config, name, None)
+    return default if configured is None else bool(configured)
+
+
+__all__ = [
+    "SparseViTForImageClassification",
+    "SparseViTImageClassifierOutput",
+    "SparseViTModel",
+    "SparseViTModelOutput",
+    "SparseViTPreTrainedModel",
+]
