@@ -440,6 +440,8 @@ class SparseViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SparseViTEmbeddings", "SparseViTLayer"]
     _supports_sdpa = True
+    # The loss is a per-batch mean that ignores `num_items_in_batch`: let the Trainer scale it for accumulation.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear/Conv: normal(0, initializer_range), zero bias; LayerNorm: 1 and 0

@@ -1,0 +1,1 @@
+from .tri_level import TriLevelTrainer, TriLevelTrainingArguments
