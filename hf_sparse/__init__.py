@@ -13,6 +13,7 @@ from .models.sparse_vit import (
     SparseViTModelOutput,
     SparseViTPreTrainedModel,
 )
+from .trainers import TriLevelTrainer, TriLevelTrainingArguments
 
 
 __version__ = "0.1.0"
@@ -28,4 +29,6 @@ __all__ = [
     "SparseViTModel",
     "SparseViTModelOutput",
     "SparseViTPreTrainedModel",
+    "TriLevelTrainer",
+    "TriLevelTrainingArguments",
 ]

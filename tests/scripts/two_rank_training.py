@@ -1,0 +1,51 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): trains a tiny model with one of the
+hf_sparse trainers and writes, per rank, what must be identical across ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform  # noqa: E402
+
+from hf_sparse import TriLevelTrainer, TriLevelTrainingArguments  # noqa: E402
+
+
+def main(trainer_name: str, output_dir: str) -> None:
+    data = with_tiny_transform(tiny_image_dataset(64), train=False)
+    if trainer_name != "tri_level":
+        raise SystemExit(f"unknown trainer {trainer_name}")
+    args = TriLevelTrainingArguments(
+        output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=4, learning_rate=3e-3,
+        save_strategy="steps", save_steps=3, logging_steps=1, report_to=[], seed=0, disable_tqdm=True, use_cpu=True,
+        example_pruning="forgetting", example_inactive_fraction=0.25, example_refresh_fraction=0.34,
+        example_last_refresh_fraction=1.0, example_swap_fraction=0.125, token_keep_ratio=0.5,
+        sparsity_warmup_fraction=0.0, sparsity_decay_fraction=0.5,
+    )
+    trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
+    trainer.train()
+    pruner = trainer.example_pruner
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record = {
+        "rank": trainer.accelerator.process_index,
+        "world_size": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "active": torch.nonzero(pruner.active_mask()).flatten().tolist(),
+        "epoch_order": pruner.epoch_indices(pruner.current_epoch).tolist(),
+        "forgetting_count": pruner.forgetting_count.tolist() if hasattr(pruner, "forgetting_count") else None,
+        "samples_seen": trainer.samples_seen,
+        "first_loss": sum(losses[:4]) / 4,
+        "last_loss": sum(losses[-4:]) / 4,
+        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+    }
+    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
