@@ -111,7 +111,10 @@ def test_gradinit_on_hf_vit(attention):
     handle = prune_model(model, MaskConfig(method="random", sparsity=0.8, seed=0))
     generator = torch.Generator().manual_seed(0)
     batches = [
-        {"pixel_values": torch.randn(4, 3, 8, 8, generator=generator), "labels": torch.randint(0, 3, (4,), generator=generator)}
+        {
+            "pixel_values": torch.randn(4, 3, 8, 8, generator=generator),
+            "labels": torch.randint(0, 3, (4,), generator=generator),
+        }
         for _ in range(4)
     ]
     report = gradinit_rescale(model, batches, steps=3, gamma=100.0)

@@ -144,7 +144,8 @@ def test_ghost_skip_adds_exactly_alpha_times_g():
     torch.manual_seed(0)
     model = TinyMLP()
     names = ("mlp.fc1", "mlp.fc2", "square", "odd")
-    inputs = {"mlp.fc1": torch.randn(3, 8), "mlp.fc2": torch.randn(3, 16), "square": torch.randn(3, 8), "odd": torch.randn(3, 8)}
+    shapes = {"mlp.fc1": (3, 8), "mlp.fc2": (3, 16), "square": (3, 8), "odd": (3, 8)}
+    inputs = {name: torch.randn(shape) for name, shape in shapes.items()}
     plain = {name: model.get_submodule(name)(inputs[name]) for name in names}
 
     skips = attach_ghost_skips(model, patterns=r"(fc\d|square|odd)$", alpha_0=0.8)

@@ -38,7 +38,14 @@ from hf_sparse.sparsity.masks import (
 )
 
 
-PRUNABLE_SUFFIXES = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")
+PRUNABLE_SUFFIXES = (
+    "attention.q_proj",
+    "attention.k_proj",
+    "attention.v_proj",
+    "attention.o_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:
@@ -64,7 +71,10 @@ def tiny_vit(seed: int = 0, **overrides) -> ViTForImageClassification:
 def vit_batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        {"pixel_values": torch.randn(4, 3, 8, 8, generator=generator), "labels": torch.randint(0, 3, (4,), generator=generator)}
+        {
+            "pixel_values": torch.randn(4, 3, 8, 8, generator=generator),
+            "labels": torch.randint(0, 3, (4,), generator=generator),
+        }
         for _ in range(count)
     ]
 
@@ -254,7 +264,9 @@ def test_grasp_scores_match_an_explicit_hessian():
     torch.testing.assert_close(got, keep_score, rtol=1e-4, atol=1e-9)
 
     # GraSP removes the weights with the largest S = -theta * Hg, i.e. keeps the largest theta * Hg.
-    config = MaskConfig(method="grasp", sparsity=0.5, num_batches=2, grasp_temperature=temperature, patterns=(r"fc\d$",))
+    config = MaskConfig(
+        method="grasp", sparsity=0.5, num_batches=2, grasp_temperature=temperature, patterns=(r"fc\d$",)
+    )
     masks = compute_masks(model, config, batches=batches)
     kept = torch.cat([masks["fc1"].flatten(), masks["fc2"].flatten()])
     grasp_s = -keep_score
