@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.example_pruning import ExamplePruner, ExamplePruningSampler, build_example_pruner, plan_refresh_epochs
 from ..flops import token_counts
+from ..hub import TrainingReport, write_save_extras
 
 
 EXAMPLE_PRUNING_METHODS = ("forgetting", "infobatch", "random", "none")
@@ -330,7 +331,42 @@ class TriLevelTrainer(Trainer):
 
     # --- checkpoints: the example-pruning state travels with every checkpoint ---------------------------------------
 
+    def training_report(self) -> TrainingReport:
+        """The card's account of this run; fields a caller already set on `model.hf_sparse_report` (data set, dense
+        baseline time) are kept."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        report = getattr(unwrapped, "hf_sparse_report", None) or TrainingReport()
+        report.method = "tri_level"
+        accuracies = [entry["eval_accuracy"] for entry in self.state.log_history if "eval_accuracy" in entry]
+        if accuracies:
+            report.test_accuracy = accuracies[-1]
+        if self._train_start_time is not None and self._last_log_time is not None:
+            report.train_seconds = report.train_seconds or round(self._last_log_time - self._train_start_time, 2)
+        report.images_trained = self._samples_seen or report.images_trained
+        args = self.args
+        report.settings.update(
+            {
+                "example_pruning": args.example_pruning,
+                "example_inactive_fraction": args.example_inactive_fraction,
+                "token/attention schedule": (
+                    f"dense for {args.sparsity_warmup_fraction:.3g} of training, cosine to the final ratios over "
+                    f"{args.sparsity_decay_fraction:.3g}"
+                ),
+            }
+        )
+        unwrapped.hf_sparse_report = report
+        return report
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Our card (sparsity settings, measured results) instead of the Trainer's generic one."""
+        if not self.is_world_process_zero():
+            return
+        self.training_report()
+        write_save_extras(self.accelerator.unwrap_model(self.model), self.args.output_dir)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self._supports_sparsity:
+            self.training_report()
         super().save_model(output_dir, _internal_call)
         if self.example_pruner is not None and self.args.should_save:
             self.example_pruner.save(output_dir or self.args.output_dir)

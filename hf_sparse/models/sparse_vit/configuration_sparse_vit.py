@@ -8,6 +8,13 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_sparse_vit.SparseViTConfig",
+    "AutoModel": "modeling_sparse_vit.SparseViTModel",
+    "AutoModelForImageClassification": "modeling_sparse_vit.SparseViTForImageClassification",
+}
+
+
 def default_token_pruning_layers(num_hidden_layers: int) -> list[int]:
     """The paper prunes after blocks 3, 6 and 9 of 12; scale those positions (1/4, 2/4, 3/4) to the depth."""
     layers = sorted({math.floor(quarter * num_hidden_layers / 4) for quarter in (1, 2, 3)})
@@ -110,6 +117,9 @@ class SparseViTConfig(PreTrainedConfig):
         self.token_fusion = token_fusion
         self.attention_keep_ratio = attention_keep_ratio
         self._validate_sparse_vit_fields()
+        # Hub users without hf_sparse load through remote code: name all three Auto classes (transformers writes
+        # only the saved class's own key).
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
 
     @property
