@@ -33,6 +33,24 @@ Test helpers: :meth:`HubServer.fail_next` (inject HTTP errors), :meth:`HubServer
 ``hub_server`` pytest fixture, which also points the already-imported client libraries at the server.
 
 Not implemented: Xet, multipart LFS, pagination (single page), gated repos, discussions, Spaces runtime, buckets.
+
+Client behaviour this relies on (read from huggingface_hub 2.4.0 / transformers 5.24):
+
+* ``huggingface_hub.constants`` reads ``HF_ENDPOINT`` (-> ``ENDPOINT``, ``HUGGINGFACE_CO_URL_TEMPLATE``,
+  ``HF_URL_HOSTS``), ``HF_HUB_DISABLE_XET``, ``HF_HUB_OFFLINE``, ``HF_HOME``/``HF_HUB_CACHE``/``HF_TOKEN_PATH``
+  and the timeouts once, at import; ``huggingface_hub.hf_api.api`` (behind ``huggingface_hub.create_repo`` & co)
+  copied ``ENDPOINT`` at import; ``utils._http._HUB_ORIGINS`` too; ``transformers.utils.hub._hf_api`` is a
+  lazily created, then cached, ``HfApi``. :func:`serve_hub` patches all of them (and resets the caches).
+* Xet must be disabled (``hf_xet`` is installed): otherwise uploads go through the Xet CAS protocol.
+* Retries: ``http_backoff`` (5 retries, sleeps 1, 2, 4, 8, 8 s, on 408/429/500/502/503/504 and on connect/timeout
+  errors) wraps preupload, the LFS batch, the LFS PUT and verify, and the tree listing. ``create_repo``, the commit
+  POST, ``model_info``, ``whoami``, refs and branches are *not* retried: one 5xx or a refused connection raises at
+  once (``HfHubHTTPError``, or ``httpx2.ConnectError`` which is not an ``HfHubHTTPError``). The HEAD of
+  ``hf_hub_download`` is not retried either and falls back to the cache (``LocalEntryNotFoundError`` when not
+  cached; 401 and ``RepoNotFound``/``RevisionNotFound``/``EntryNotFound`` are re-raised as such); the file GET is
+  resumed up to 5 times on connection errors, 1 s apart.
+* Over ``http://`` a 401 stays a plain ``HfHubHTTPError``: the client only maps 401 to ``RepositoryNotFoundError``
+  for ``https://`` URLs (or with ``X-Error-Code: RepoNotFound``).
 """
 
 from __future__ import annotations
@@ -445,6 +463,7 @@ class HubServer:
         self._connections: set[socket.socket] = set()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -466,13 +485,20 @@ class HubServer:
             if self._httpd is not None:
                 return self
             httpd = _HTTPServer((self.host, self._port), self)
+            httpd.timeout = 0.05  # `handle_request` polls, so that `stop` never waits on a blocked accept
             self._port = httpd.server_address[1]
             self._httpd = httpd
+            self._stop_event = threading.Event()
             self._thread = threading.Thread(
-                target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-server-{self._port}", daemon=True
+                target=self._serve, args=(httpd, self._stop_event), name=f"hub-server-{self._port}", daemon=True
             )
             self._thread.start()
         return self
+
+    @staticmethod
+    def _serve(httpd: _HTTPServer, stop_event: threading.Event) -> None:
+        while not stop_event.is_set():
+            httpd.handle_request()
 
     def stop(self) -> None:
         """Stop listening and cut open connections: clients get "connection refused" until :meth:`start`."""
@@ -481,15 +507,15 @@ class HubServer:
             connections = list(self._connections)
         if httpd is None:
             return
-        httpd.shutdown()
+        self._stop_event.set()
+        if thread is not None:
+            thread.join(timeout=5)
         httpd.server_close()
         for conn in connections:  # keep-alive connections would otherwise keep being served
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if thread is not None:
-            thread.join(timeout=5)
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -959,7 +985,9 @@ class HubServer:
             "tags": [ref(t, f"refs/tags/{t}", oid) for t, oid in sorted(repo.tags.items())],
         }
         if req.flag("include_prs"):
-            data["pullRequests"] = [ref(f"refs/pr/{n}", f"refs/pr/{n}", o) for n, o in sorted(repo.pull_requests.items())]
+            data["pullRequests"] = [
+                ref(f"refs/pr/{n}", f"refs/pr/{n}", oid) for n, oid in sorted(repo.pull_requests.items())
+            ]
         return _Response.json(data)
 
     def _commits(self, req: _Request, repo_type: str, repo_id: str, revision: str) -> _Response:
@@ -1166,15 +1194,15 @@ class HubServer:
         for obj in payload.get("objects", []):
             oid, size = obj.get("oid"), obj.get("size")
             if not isinstance(oid, str) or not _OID_RE.match(oid) or not isinstance(size, int) or size < 0:
-                objects.append(
-                    {"oid": str(oid), "size": size if isinstance(size, int) else -1, "error": {"code": 422, "message": "Invalid object"}}
-                )
+                error = {"code": 422, "message": "Invalid object"}
+                objects.append({"oid": str(oid), "size": size if isinstance(size, int) else -1, "error": error})
                 continue
             stored = self._lfs.get(oid)
             if stored is not None and len(stored) == size:
                 objects.append({"oid": oid, "size": size, "authenticated": True})  # already present: no actions
                 continue
-            upload_href = f"{req.base_url}/__lfs/upload/{oid}?size={size}&X-Signature={self._sign(f'upload:{size}', oid)}"
+            signature = self._sign(f"upload:{size}", oid)
+            upload_href = f"{req.base_url}/__lfs/upload/{oid}?size={size}&X-Signature={signature}"
             verify_href = f"{req.base_url}/{repo.url_path}.git/info/lfs/objects/verify"
             objects.append(
                 {
@@ -1247,9 +1275,8 @@ class _FastSleepTime:
 
 def _reset_client_caches() -> None:
     """Drop client-side state bound to a previous endpoint (pooled connections, cached `HfApi`/fs instances)."""
-    from huggingface_hub.utils import _http
-
-    _http.close_session()
+    if (http := sys.modules.get("huggingface_hub.utils._http")) is not None:
+        http.close_session()
     if (transformers_hub := sys.modules.get("transformers.utils.hub")) is not None:
         transformers_hub._hf_api = None  # lazily rebuilt with `constants.ENDPOINT`
     if (hf_file_system := sys.modules.get("huggingface_hub.hf_file_system")) is not None:
