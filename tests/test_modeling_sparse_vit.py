@@ -447,3 +447,18 @@ def test_default_pruning_layers_scale_with_depth():
 def test_package_registers_the_model_type():
     assert AutoConfig.for_model("sparse_vit").__class__ is SparseViTConfig
     assert hf_sparse.SparseViTConfig is SparseViTConfig
+
+
+def test_grey_model_in_an_image_pipeline_takes_rgb_inputs_as_luma(tmp_path):
+    config = tiny_config(num_channels=1, num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    model = SparseViTForImageClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path)
+    grey = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    predictions = pipeline("image-classification", model=str(tmp_path))(Image.fromarray(grey, mode="L"))
+    with torch.no_grad():
+        expected = model(torch.tensor((grey / 255.0 - 0.5) / 0.5, dtype=torch.float32)[None, None]).logits.softmax(-1)
+    by_label = {p["label"]: p["score"] for p in predictions}
+    assert by_label["a"] == pytest.approx(expected[0, 0].item(), abs=1e-4)
+    with pytest.raises(ValueError, match="num_channels"):
+        model(torch.randn(1, 2, 16, 16))

@@ -140,10 +140,10 @@ def image_processor_for(image_size: int, num_channels: int, mean: Sequence[float
 
     It runs without torchvision, saves with ``save_pretrained`` (as ``ViTImageProcessor``, which
     ``AutoImageProcessor`` reloads with the PIL backend when torchvision is absent) and serves
-    ``pipeline("image-classification")``. For 3 channels it converts inputs to RGB. For 1 channel it
-    expects greyscale inputs; note that the pipeline converts every PIL input to RGB (transformers'
-    ``load_image``), so give a 1-channel model's pipeline ``np.asarray(image.convert("L"))[:, :, None]``
-    (arrays pass through unchanged): a ViT image processor cannot convert RGB to "L".
+    ``pipeline("image-classification")``. It always converts inputs to RGB, as the pipeline does anyway
+    (transformers' ``load_image``). For a 1-channel model it repeats the mean and std over the three
+    channels: SparseViT turns a 3-channel input of a 1-channel model into its luma (PIL's "L" weights),
+    and as normalisation is per channel and linear, that equals normalising the greyscale image.
     """
     from transformers import ViTImageProcessorPil  # deferred: keeps `import hf_sparse.data` light
 
@@ -153,6 +153,8 @@ def image_processor_for(image_size: int, num_channels: int, mean: Sequence[float
         raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
     mean_values = _check_normalisation("mean", mean, num_channels).tolist()
     std_values = _check_normalisation("std", std, num_channels).tolist()
+    if num_channels == 1:
+        mean_values, std_values = mean_values * 3, std_values * 3
     return ViTImageProcessorPil(
         do_resize=True,
         size={"height": image_size, "width": image_size},
@@ -162,5 +164,5 @@ def image_processor_for(image_size: int, num_channels: int, mean: Sequence[float
         do_normalize=True,
         image_mean=mean_values,
         image_std=std_values,
-        do_convert_rgb=num_channels == 3,
+        do_convert_rgb=True,
     )

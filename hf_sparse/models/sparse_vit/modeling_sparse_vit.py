@@ -74,6 +74,9 @@ class TokenState:
     attention_mask: torch.BoolTensor | None = None  # (batch, 1, tokens, tokens), True = attend
 
 
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> "L" conversion
+
+
 def keep_count(total: int, ratio: float) -> int:
     """`ceil(total * ratio)`, robust to float noise (0.7 * 100 is 70.00000000000001), and at least 1."""
     return max(1, math.ceil(round(total * ratio, 6)))
@@ -93,6 +96,11 @@ class SparseViTPatchEmbeddings(nn.Module):
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.num_channels == 1 and pixel_values.shape[1] == 3:
+            # Image pipelines convert every input to RGB: take the luma, as PIL's "L" mode does (for grey images
+            # stored as RGB this is exact; the normalisation is per channel and linear, so it commutes).
+            luma = pixel_values.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+            pixel_values = (pixel_values * luma).sum(dim=1, keepdim=True)
         if pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects `num_channels`="
