@@ -152,7 +152,7 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args: argparse.Namespace) -> list[RunResult]:
+def main(args: argparse.Namespace) -> list[RunResult]:
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = prepare_data(

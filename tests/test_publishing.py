@@ -1,0 +1,190 @@
+"""Publishing SparseViT checkpoints: self-contained folders, model.push_to_hub, Trainer.push_to_hub, `hf-sparse push`,
+remote-code loading in a process without hf_sparse, and failures of the Hub (against the local test server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import httpx
+from transformers import AutoModelForImageClassification
+
+import hf_sparse
+from hf_sparse import SparseViTConfig, SparseViTForImageClassification, TrainingReport, TriLevelTrainer
+from hf_sparse.cli import main as cli_main
+from hf_sparse.data import image_processor_for
+
+from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
+
+EXPECTED_FILES = {
+    "model.safetensors",
+    "config.json",
+    "configuration_sparse_vit.py",
+    "modeling_sparse_vit.py",
+    "preprocessor_config.json",
+    "README.md",
+}
+PIXELS = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+
+
+def published_model(**config) -> SparseViTForImageClassification:
+    model = tiny_sparse_vit(token_keep_ratio=0.5, attention_keep_ratio=0.5, **config).eval()
+    model.image_processor = image_processor_for(8, 1, (0.5,), (0.5,))
+    model.hf_sparse_report = TrainingReport(
+        method="tri_level", dataset="fashion_mnist", test_accuracy=0.875, train_seconds=60.0,
+        dense_train_seconds=100.0, images_trained=1234, settings={"example_pruning": "forgetting"},
+    )
+    return model
+
+
+def check_card(card: ModelCard, repo_id: str | None = None) -> None:
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
+    assert "hf_sparse" in data.tags and data.datasets == ["fashion_mnist"]
+    assert data.eval_results[0].metric_type == "accuracy" and data.eval_results[0].metric_value == 0.875
+    assert "token keep ratio | 0.5" in card.text and "attention keep ratio | 0.5" in card.text
+    assert "87.50 %" in card.text and "40.0 %" in card.text  # accuracy and time saved against dense
+    assert "This is the model card of a 🤗 transformers model" not in card.text
+    if repo_id:
+        assert f'from_pretrained("{repo_id}", trust_remote_code=True)' in card.text
+
+
+def logits_in_fresh_process_without_hf_sparse(source: str, environment: dict | None = None) -> list[float]:
+    """Load with trust_remote_code in a new interpreter where `import hf_sparse` fails."""
+    code = (
+        "import sys, json, torch\n"
+        "sys.modules['hf_sparse'] = None  # the package cannot be imported\n"
+        "from transformers import AutoModelForImageClassification\n"
+        f"model = AutoModelForImageClassification.from_pretrained({source!r}, trust_remote_code=True).eval()\n"
+        "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(model(torch.linspace(-1, 1, 64).view(1, 1, 8, 8)).logits[0].tolist()))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+        env={**os.environ, **(environment or {})}, cwd="/",
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def hub_environment(hub_server) -> dict:
+    return {
+        "HF_ENDPOINT": hub_server.url, "HF_TOKEN": hub_server.token, "HF_HOME": str(hub_server.hf_home),
+        "HF_HUB_CACHE": str(hub_server.hub_cache), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+    }
+
+
+def test_save_pretrained_writes_a_self_contained_folder(tmp_path):
+    model = published_model()
+    model.save_pretrained(tmp_path)
+    assert EXPECTED_FILES <= set(os.listdir(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_sparse_vit.SparseViTConfig",
+        "AutoModel": "modeling_sparse_vit.SparseViTModel",
+        "AutoModelForImageClassification": "modeling_sparse_vit.SparseViTForImageClassification",
+    }
+    check_card(ModelCard.load(tmp_path / "README.md"))
+    with torch.no_grad():
+        expected = model(PIXELS).logits[0].tolist()
+    assert logits_in_fresh_process_without_hf_sparse(str(tmp_path)) == pytest.approx(expected, abs=1e-6)
+    # with hf_sparse imported (here), no trust_remote_code is needed and the package's class is used
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(reloaded) is SparseViTForImageClassification
+
+
+def test_model_push_to_hub_replaces_the_generic_card_and_loads_remotely(hub_server):
+    model = published_model()
+    model.push_to_hub("user/tiny-sparse-vit")
+    files = set(hub_server.repo_files("user/tiny-sparse-vit"))
+    assert EXPECTED_FILES <= files
+    local = Path(snapshot_download("user/tiny-sparse-vit"))
+    check_card(ModelCard.load(local / "README.md"), repo_id="user/tiny-sparse-vit")
+    with torch.no_grad():
+        expected = model(PIXELS).logits[0].tolist()
+    remote = logits_in_fresh_process_without_hf_sparse("user/tiny-sparse-vit", hub_environment(hub_server))
+    assert remote == pytest.approx(expected, abs=1e-6)
+    with_package = AutoModelForImageClassification.from_pretrained("user/tiny-sparse-vit").eval()
+    with torch.no_grad():
+        assert with_package(PIXELS).logits[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_tri_level_trainer_push_to_hub_writes_our_card(hub_server, tmp_path):
+    data = with_tiny_transform(tiny_image_dataset(32))
+    from hf_sparse import TriLevelTrainingArguments
+
+    args = TriLevelTrainingArguments(
+        output_dir=str(tmp_path / "run"), num_train_epochs=1, per_device_train_batch_size=8, report_to=[],
+        save_strategy="no", use_cpu=True, token_keep_ratio=0.5, hub_model_id="user/tri-level-run",
+        example_inactive_fraction=0.25, disable_tqdm=True,
+    )
+    model = tiny_sparse_vit()
+    model.hf_sparse_report = TrainingReport(dataset="fashion_mnist")
+    trainer = TriLevelTrainer(
+        model=model, args=args, train_dataset=data, processing_class=image_processor_for(8, 1, (0.5,), (0.5,))
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    files = set(hub_server.repo_files("user/tri-level-run"))
+    assert EXPECTED_FILES <= files and "example_pruning.safetensors" in files
+    card = ModelCard.load(Path(snapshot_download("user/tri-level-run")) / "README.md")
+    assert "hf_sparse" in card.data.tags and "tri-level-evit" in card.data.tags
+    assert "example pruning | forgetting" in card.text and "images trained | 24" in card.text
+    assert "This is the model card" not in card.text and "generated automatically" not in card.text
+
+
+def test_cli_push_publishes_an_existing_checkpoint_with_the_same_card(hub_server, tmp_path):
+    model = published_model()
+    model.save_pretrained(tmp_path / "checkpoint")
+    assert cli_main(["push", str(tmp_path / "checkpoint"), "user/from-cli"]) == 0
+    local = Path(snapshot_download("user/from-cli"))
+    assert EXPECTED_FILES <= set(os.listdir(local))
+    check_card(ModelCard.load(local / "README.md"), repo_id="user/from-cli")
+    with pytest.raises(SystemExit):
+        cli_main(["push", str(tmp_path / "missing"), "user/nothing"])
+
+
+def test_failures_give_clear_errors_keep_the_local_folder_and_a_retry_succeeds(hub_server, tmp_path, capsys):
+    model = published_model()
+    model.save_pretrained(tmp_path / "local")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+
+    hub_server.stop()
+    assert cli_main(["push", str(tmp_path / "local"), "user/flaky"]) == 1
+    message = capsys.readouterr().err
+    assert "user/flaky" in message and hub_server.url in message and "ConnectError" in message and "retry" in message
+    with pytest.raises(httpx.ConnectError):
+        model.push_to_hub("user/flaky")
+    hub_server.start()
+
+    hub_server.fail_next("*", r".*", status=401, count=None)
+    with pytest.raises(HfHubHTTPError) as unauthorised:
+        model.push_to_hub("user/flaky")
+    assert unauthorised.value.response.status_code == 401
+    hub_server.clear_failures()
+
+    hub_server.fail_next("POST", r"/commit/main$", status=500, count=1)
+    with pytest.raises(HfHubHTTPError) as server_error:
+        model.push_to_hub("user/flaky")
+    assert server_error.value.response.status_code == 500
+    assert "config.json" not in set(hub_server.repo_files("user/flaky"))
+
+    after = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    assert after == before  # the local checkpoint is untouched by failed pushes
+    model.push_to_hub("user/flaky")  # the retry goes through, complete
+    assert EXPECTED_FILES <= set(hub_server.repo_files("user/flaky"))
+
+
+def test_package_import_registers_the_save_extras():
+    from hf_sparse.models.sparse_vit import modeling_sparse_vit
+
+    assert hf_sparse.write_save_extras in modeling_sparse_vit.SAVE_PRETRAINED_EXTRAS
+    assert isinstance(SparseViTConfig().auto_map, dict)
