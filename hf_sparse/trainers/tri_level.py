@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.example_pruning import ExamplePruner, ExamplePruningSampler, build_example_pruner, plan_refresh_epochs
 from ..flops import token_counts
 from ..hub import TrainingReport, write_save_extras
+from .checkpoints import resolve_resume_checkpoint
 
 
 EXAMPLE_PRUNING_METHODS = ("forgetting", "infobatch", "random", "none")
@@ -372,10 +371,6 @@ class TriLevelTrainer(Trainer):
             self.example_pruner.save(output_dir or self.args.output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir!r} to resume from.")
-        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            self._resume_pruning_from = str(resume_from_checkpoint)
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._resume_pruning_from = resume_from_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
