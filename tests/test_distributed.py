@@ -42,3 +42,26 @@ def test_tri_level_two_ranks_share_one_global_active_set(tmp_path):
         assert (checkpoint / "example_pruning.safetensors").exists()
         # written once, by the main process: one model file, one pruning state
         assert len(list(checkpoint.glob("model*.safetensors"))) == 1
+
+
+@pytest.mark.slow
+def test_tost_two_ranks_hold_identical_masks_and_write_checkpoints_once(tmp_path):
+    ranks = launch_two_ranks("tost", tmp_path)
+    first, second = ranks
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    # both ranks computed the same SNIP mask on their own (same seed and batches), before rank 0's was broadcast
+    assert first["masks_identical_before_sync"] and second["masks_identical_before_sync"]
+    assert first["mask_checksums"] == second["mask_checksums"] and len(first["mask_checksums"]) == 12
+    assert abs(first["mask_sparsity"] - 0.8) <= 0.005
+    assert first["pruned_nonzero"] == second["pruned_nonzero"] == 0
+    assert first["weights_checksum"] == pytest.approx(second["weights_checksum"], rel=1e-6)
+    # 64 examples / (2 ranks x 4) -> 8 steps per epoch, 3 epochs; ghosts gone after 30 % (at step 8)
+    assert first["global_step"] == 24 and first["ghost_removed_at_step"] == second["ghost_removed_at_step"] == 8
+    assert first["last_loss"] < first["first_loss"]
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-16", "checkpoint-24", "checkpoint-8"]
+    for checkpoint in checkpoints:
+        # written once, by the main process: one model file and one mask file
+        assert len(list(checkpoint.glob("model*.safetensors"))) == 1
+        assert len(list(checkpoint.glob("sparsity_masks*"))) == 1
+

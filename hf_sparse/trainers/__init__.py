@@ -1,1 +1,2 @@
 from .tri_level import TriLevelTrainer, TriLevelTrainingArguments
+from .tost import ToSTTrainer, ToSTTrainingArguments

@@ -13,11 +13,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform  # noqa: E402
 
-from hf_sparse import TriLevelTrainer, TriLevelTrainingArguments  # noqa: E402
+from hf_sparse import ToSTTrainer, ToSTTrainingArguments, TriLevelTrainer, TriLevelTrainingArguments  # noqa: E402
 
 
 def main(trainer_name: str, output_dir: str) -> None:
     data = with_tiny_transform(tiny_image_dataset(64), train=False)
+    if trainer_name == "tost":
+        return main_tost(data, output_dir)
     if trainer_name != "tri_level":
         raise SystemExit(f"unknown trainer {trainer_name}")
     args = TriLevelTrainingArguments(
@@ -39,6 +41,41 @@ def main(trainer_name: str, output_dir: str) -> None:
         "epoch_order": pruner.epoch_indices(pruner.current_epoch).tolist(),
         "forgetting_count": pruner.forgetting_count.tolist() if hasattr(pruner, "forgetting_count") else None,
         "samples_seen": trainer.samples_seen,
+        "first_loss": sum(losses[:4]) / 4,
+        "last_loss": sum(losses[-4:]) / 4,
+        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+    }
+    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+
+
+def main_tost(data, output_dir: str) -> None:
+    from hf_sparse.sparsity import get_masks
+
+    args = ToSTTrainingArguments(
+        output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", save_strategy="steps", save_steps=8, logging_steps=1, report_to=[], seed=0,
+        disable_tqdm=True, use_cpu=True,
+        mask_method="snip", sparsity=0.8, mask_batches=2, rescaled_init_steps=2, ghost_end_fraction=0.3,
+    )
+    trainer = ToSTTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
+    trainer.train()
+    masks = get_masks(trainer.model)
+    modules = dict(trainer.model.named_modules())
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record = {
+        "rank": trainer.accelerator.process_index,
+        "world_size": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "masks_identical_before_sync": trainer.sparsity_setup["masks_identical_across_ranks"],
+        "mask_sparsity": trainer.sparsity_setup["mask_sparsity"],
+        # position-weighted sums (exact in float64): equal sums <=> equal masks, for practical purposes
+        "mask_checksums": {
+            name: float((mask.flatten().double() * torch.arange(1, mask.numel() + 1, dtype=torch.float64)).sum())
+            for name, mask in masks.items()
+        },
+        "pruned_nonzero": sum(int(torch.count_nonzero(modules[name].weight[~mask])) for name, mask in masks.items()),
+        "ghost_removed_at_step": trainer.ghost_removed_at_step,
         "first_loss": sum(losses[:4]) / 4,
         "last_loss": sum(losses[-4:]) / 4,
         "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
