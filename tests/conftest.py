@@ -1,8 +1,19 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-import pytest
+# Two pytest-xdist workers on a 2-core machine: one torch thread each. Oversubscribed OpenMP threads spin and make
+# training steps many times slower. Set before torch is imported, so subprocesses (SIGKILL, accelerate) inherit it
+# and compute with the same thread count (the same float summation order) as the test.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 try:  # `tests/` on sys.path (pytest's default import mode, no `tests/__init__.py`)
     from hub_server import HubServer, serve_hub

@@ -188,3 +188,29 @@ def test_package_import_registers_the_save_extras():
 
     assert hf_sparse.write_save_extras in modeling_sparse_vit.SAVE_PRETRAINED_EXTRAS
     assert isinstance(SparseViTConfig().auto_map, dict)
+
+
+def test_tost_trainer_push_to_hub_writes_our_card_with_the_mask(hub_server, tmp_path):
+    from hf_sparse import ToSTTrainer, ToSTTrainingArguments
+
+    data = with_tiny_transform(tiny_image_dataset(32), train=False)
+    args = ToSTTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8, report_to=[],
+        save_strategy="no", use_cpu=True, hub_model_id="user/tost-run", mask_method="magnitude", sparsity=0.9,
+        rescaled_init="density", disable_tqdm=True,
+    )
+    trainer = ToSTTrainer(
+        model=tiny_sparse_vit(), args=args, train_dataset=data, processing_class=image_processor_for(8, 1, (0.5,), (0.5,))
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    files = set(hub_server.repo_files("user/tost-run"))
+    assert EXPECTED_FILES <= files and "sparsity_masks.safetensors" in files
+    local = Path(snapshot_download("user/tost-run"))
+    card = ModelCard.load(local / "README.md")
+    assert "tost" in card.data.tags and "weight mask method | magnitude" in card.text
+    assert "ghost soft neurons | True" in card.text and "rescaled init | density" in card.text
+    assert "This is the model card" not in card.text
+    reloaded = AutoModelForImageClassification.from_pretrained(local)
+    zeros = sum(int((m.weight == 0).sum()) for n, m in reloaded.named_modules() if n.endswith(("q_proj", "fc1")))
+    assert zeros > 0 and reloaded.config.weight_sparsity["method"] == "magnitude"

@@ -17,7 +17,7 @@ from hf_sparse.trainers.checkpoints import checkpoint_problems, resolve_resume_c
 from resume_cases import TOTAL_STEPS, build_trainer, final_state
 
 SCRIPT = Path(__file__).parent / "scripts" / "killable_training.py"
-TRAINERS = ["tri_level"]
+TRAINERS = ["tri_level", "tost"]
 
 
 def kill_after_checkpoint(name: str, output_dir: Path, checkpoint_step: int = 8) -> None:
@@ -48,11 +48,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, name):
     expected = final_state(uninterrupted)
 
     kill_after_checkpoint(name, tmp_path / "killed")
-    assert not (tmp_path / "killed" / f"checkpoint-{TOTAL_STEPS}").exists()  # it really died mid-run
+    assert not (tmp_path / "killed" / f"checkpoint-{TOTAL_STEPS[name]}").exists()  # it really died mid-run
     resumed = build_trainer(name, str(tmp_path / "killed"), model_seed=99)
     resumed.train(resume_from_checkpoint=True)
-    assert resumed.state.global_step == TOTAL_STEPS
+    assert resumed.state.global_step == TOTAL_STEPS[name]
     actual = final_state(resumed)
+    assert set(actual) == set(expected)
     for key in expected:
         if key == "weights":
             for parameter, value in expected["weights"].items():

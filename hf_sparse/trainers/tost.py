@@ -44,8 +44,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.optimization import get_scheduler
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..hub import TrainingReport, write_save_extras
 from ..sparsity import (
     DEFAULT_PRUNABLE_PATTERNS,
     MASK_METHODS,
@@ -71,6 +71,8 @@ from ..sparsity.ghosts import GHOST_SKIP_SCHEDULES
 from ..sparsity.masks import MASK_SCOPES, mask_sparsity, masked_modules
 from ..sparsity.utils import check_choice, check_fraction, check_positive, default_loss_fn
 
+
+from .checkpoints import resolve_resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -400,12 +402,7 @@ class ToSTTrainer(Trainer):
     # --- setup: mask -> sync -> rescaled init ---------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir!r} to resume from.")
-        if resume_from_checkpoint is False:
-            resume_from_checkpoint = None
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint is not None:
             self._load_checkpoint_masks(str(resume_from_checkpoint))
         elif self.sparsity_setup is None:
@@ -838,7 +835,40 @@ class ToSTTrainer(Trainer):
         if config is not None:
             config.weight_sparsity = summary
 
+    def training_report(self) -> TrainingReport:
+        """The card's account of this run; fields a caller set on `model.hf_sparse_report` are kept."""
+        model = self._unwrapped_model()
+        report = getattr(model, "hf_sparse_report", None) or TrainingReport()
+        report.method = "tost"
+        accuracies = [entry["eval_accuracy"] for entry in self.state.log_history if "eval_accuracy" in entry]
+        if accuracies:
+            report.test_accuracy = accuracies[-1]
+        runtimes = [entry["train_runtime"] for entry in self.state.log_history if "train_runtime" in entry]
+        if runtimes:
+            report.train_seconds = report.train_seconds or runtimes[-1]
+        args = self.args
+        report.settings.update(
+            {
+                "mask method": (self._mask_metadata or {}).get("method", args.mask_method),
+                "ghost soft neurons": args.ghost_soft_neurons,
+                "ghost skip connections": args.ghost_skip_connections,
+                "ghosts removed after": f"{args.ghost_end_fraction:g} of training",
+                "rescaled init": args.rescaled_init,
+                "label smoothing (alpha / (C-1) per wrong class)": args.label_smoothing,
+            }
+        )
+        model.hf_sparse_report = report
+        return report
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Our card (mask, ghosts, rescaled init, measured results) instead of the Trainer's generic one."""
+        if not self.is_world_process_zero():
+            return
+        self.training_report()
+        write_save_extras(self._unwrapped_model(), self.args.output_dir)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self.training_report()
         model = self._unwrapped_model()
         if get_masks(model):
             reapply(model)  # exact zeros in the saved weights, whatever wrote them
