@@ -115,25 +115,28 @@ def plot_kept_patches(model, data, path: str, num_images: int = 6) -> None:
         outputs = model(pixel_values=batch["pixel_values"].to(model.device))
     config = model.config
     grid = data.image_size // config.patch_size
-    figure, axes = plt.subplots(2, num_images, figsize=(1.8 * num_images, 4))
+    figure, axes = plt.subplots(2, num_images, figsize=(1.8 * num_images, 4.6))
     images = batch["pixel_values"].cpu().numpy()
     kept = outputs.kept_patch_indices[-1].cpu().numpy() if outputs.kept_patch_indices else None
     for column in range(num_images):
         image = images[column].mean(axis=0)
-        axes[0, column].imshow(image, cmap="gray")
+        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+        axes[0, column].imshow(image, cmap="gray", vmin=0, vmax=1)
         axes[0, column].set_title(data.label_names[int(batch["labels"][column])], fontsize=8)
-        overlay = np.full((grid, grid), 0.25)
+        dropped = np.ones((grid, grid), dtype=bool)
         if kept is not None:
-            overlay.flat[kept[column]] = 1.0
+            dropped.flat[kept[column]] = False
         else:
-            overlay[:] = 1.0
-        mask = np.kron(overlay, np.ones((config.patch_size, config.patch_size)))
-        axes[1, column].imshow(image * mask + (1 - mask) * image.min(), cmap="gray")
+            dropped[:] = False
+        dropped = np.kron(dropped, np.ones((config.patch_size, config.patch_size), dtype=bool))
+        overlay = np.repeat(image[:, :, None], 3, axis=2)
+        overlay[dropped] = 0.35 * overlay[dropped] + 0.65 * np.array([0.85, 0.1, 0.1])  # dropped: red
+        axes[1, column].imshow(overlay)
         kept_count = grid * grid if kept is None else len(kept[column])
         axes[1, column].set_title(f"kept {kept_count}/{grid * grid}", fontsize=8)
         for row in range(2):
             axes[row, column].axis("off")
-    figure.suptitle("Patches kept after the last pruning layer (top: input)")
+    figure.suptitle("Patches kept after the last pruning layer (dropped in red)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
