@@ -47,6 +47,7 @@ def main() -> None:
     trainer.save_metrics("eval", metrics)
     trainer.save_model()  # weights with exact zeros + sparsity_masks.safetensors + config.weight_sparsity
     trainer.save_state()
+    trainer.accelerator.end_training()  # destroys the process group cleanly under `accelerate launch`
 
 
 if __name__ == "__main__":

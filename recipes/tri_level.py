@@ -37,6 +37,7 @@ def main() -> None:
     trainer.save_metrics("eval", metrics)
     trainer.save_model()
     trainer.save_state()
+    trainer.accelerator.end_training()  # destroys the process group cleanly under `accelerate launch`
 
 
 if __name__ == "__main__":

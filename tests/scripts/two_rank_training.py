@@ -86,3 +86,8 @@ def main_tost(data, output_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Tear the gloo group down before the interpreter exits: left to interpreter shutdown, a rank can abort
+    # ("terminate called without an active exception").
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
