@@ -32,7 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_sparse_vit import SparseViTConfig
+from .configuration_sparse_vit import SparseViTConfig, _check_ratio, _pair
 
 
 # Extension point: `hf_sparse` adds writers here (model card, image processor config) so that `save_pretrained` and
@@ -522,9 +522,9 @@ class SparseViTPreTrainedModel(PreTrainedModel):
         """
         encoder = self._sparse_vit_encoder()
         if token_keep_ratio is not None:
-            encoder.token_keep_ratio = _ratio("token_keep_ratio", token_keep_ratio)
+            encoder.token_keep_ratio = _check_ratio("token_keep_ratio", token_keep_ratio)
         if attention_keep_ratio is not None:
-            encoder.attention_keep_ratio = _ratio("attention_keep_ratio", attention_keep_ratio)
+            encoder.attention_keep_ratio = _check_ratio("attention_keep_ratio", attention_keep_ratio)
 
     def get_sparsity(self) -> dict[str, float]:
         encoder = self._sparse_vit_encoder()
@@ -662,16 +662,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Spar
     if config.problem_type == "single_label_classification":
         return nn.functional.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
-
-
-def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def _ratio(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1] (1.0 turns it off), got {value!r}.")
-    return float(value)
 
 
 def _config_default(config: SparseViTConfig, name: str, value: bool | None, default: bool = False) -> bool:
