@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -60,7 +59,7 @@ def common_training_fields(output_dir: str, epochs: float, batch_size: int, seed
     )
 
 
-def train_one(name: str, trainer_class, model, training_args, data) -> RunResult:
+def train_one(name: str, trainer_class, model, training_args, data) -> tuple[RunResult, Trainer]:
     clock = TrainingClockCallback()
     trainer = trainer_class(
         model=model,
@@ -157,7 +156,6 @@ def format_table(results: list[RunResult]) -> str:
 
 def main(args: argparse.Namespace) -> list[RunResult]:
     os.makedirs(args.output_dir, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = prepare_data(
         DataArguments(dataset_name=args.dataset_name, max_train_samples=args.max_train_samples,
                       max_eval_samples=args.max_eval_samples),

@@ -16,6 +16,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .sparsity import sparsity_report
+
 REPORT_FILENAME = "hf_sparse_report.json"
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "sparse_vit.md"
 METHOD_SENTENCES = {
@@ -70,24 +72,12 @@ def sparsity_settings(model, report: TrainingReport | None) -> list[tuple[str, s
     if weight_sparsity:
         rows += [(f"weight mask {key}", str(value)) for key, value in weight_sparsity.items()]
     else:
-        zeros, total = _prunable_zeros(model)
-        if total and zeros:
-            rows.append(("zero weights in q/k/v/o and MLP projections", f"{zeros / total:.2%}"))
+        report_of_zeros = sparsity_report(model)
+        if report_of_zeros["prunable_zeros"]:
+            rows.append(("zero weights in q/k/v/o and MLP projections", f"{report_of_zeros['prunable_sparsity']:.2%}"))
     if report is not None:
         rows += [(key.replace("_", " "), str(value)) for key, value in report.settings.items()]
     return rows
-
-
-def _prunable_zeros(model) -> tuple[int, int]:
-    import re
-
-    pattern = re.compile(r"(q_proj|k_proj|v_proj|o_proj|fc1|fc2)\.weight$")
-    zeros = total = 0
-    for name, parameter in model.named_parameters():
-        if pattern.search(name):
-            zeros += int((parameter == 0).sum())
-            total += parameter.numel()
-    return zeros, total
 
 
 def build_model_card(model, report: TrainingReport | None, repo_id: str | None = None, has_processor: bool = False) -> ModelCard:

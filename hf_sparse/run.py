@@ -17,7 +17,7 @@ from transformers import HfArgumentParser, TrainerCallback, ViTConfig, ViTForIma
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_image_transforms, image_processor_for
 from .data import load_image_classification_dataset
-from .models.sparse_vit import SparseViTConfig, SparseViTForImageClassification
+from .models.sparse_vit import SparseViTForImageClassification
 
 
 @dataclass

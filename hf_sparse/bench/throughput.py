@@ -7,7 +7,6 @@ and the ratio of each median to HF ViT's, beside the theoretical FLOPs ratio.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,34 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from ..validation import check_choice, check_fraction, check_positive  # noqa: F401  (re-exported for sparsity/)
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """`loss_fn(model, batch) -> scalar loss`. It must call `model(...)` so that callers can swap parameters."""
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    """Raise a `ValueError` naming the argument and its allowed values."""
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_fraction(name: str, value: float, *, low_inclusive: bool = True, high_inclusive: bool = False) -> None:
-    """Raise a `ValueError` unless `value` lies in [0, 1] with the given open/closed ends."""
-    ok = _is_number(value)
-    if ok:
-        ok = (value >= 0 if low_inclusive else value > 0) and (value <= 1 if high_inclusive else value < 1)
-    if not ok:
-        interval = f"{'[' if low_inclusive else '('}0, 1{']' if high_inclusive else ')'}"
-        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = _is_number(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}.")
 
 
 def take_batches(batches: Iterable[Any] | None, num_batches: int | None, argument: str = "batches") -> list[Any]:

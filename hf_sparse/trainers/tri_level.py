@@ -25,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 from ..data.example_pruning import ExamplePruner, ExamplePruningSampler, build_example_pruner, plan_refresh_epochs
 from ..flops import token_counts
 from ..hub import TrainingReport, write_save_extras
+from ..validation import check_choice, check_fraction
 from .checkpoints import resolve_resume_checkpoint
 
 
@@ -78,11 +79,11 @@ class TriLevelTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.example_pruning not in EXAMPLE_PRUNING_METHODS:
-            raise ValueError(f"`example_pruning` must be one of {EXAMPLE_PRUNING_METHODS}, got {self.example_pruning!r}.")
-        if self.example_tie_break not in TIE_BREAKS:
-            raise ValueError(f"`example_tie_break` must be one of {TIE_BREAKS}, got {self.example_tie_break!r}.")
-        _check_fraction("example_inactive_fraction", self.example_inactive_fraction, low_open=False, high_open=True)
+        check_choice("example_pruning", self.example_pruning, EXAMPLE_PRUNING_METHODS)
+        check_choice("example_tie_break", self.example_tie_break, TIE_BREAKS)
+        check_fraction(
+            "example_inactive_fraction", self.example_inactive_fraction, low_inclusive=True, high_inclusive=False
+        )
         if self.example_pruning == "none" and self.example_inactive_fraction != 0.0:
             self.example_inactive_fraction = 0.0  # nothing is left out without example pruning
         if self.example_pruning != "none" and self.example_inactive_fraction == 0.0:
@@ -90,15 +91,23 @@ class TriLevelTrainingArguments(TrainingArguments):
                 f"`example_inactive_fraction` must be > 0 with `example_pruning`={self.example_pruning!r} "
                 "(or set `example_pruning='none'`)."
             )
-        _check_fraction("example_refresh_fraction", self.example_refresh_fraction, low_open=True, high_open=False)
-        _check_fraction("example_last_refresh_fraction", self.example_last_refresh_fraction, False, False)
-        _check_fraction("example_swap_fraction", self.example_swap_fraction, low_open=False, high_open=True)
-        _check_fraction("infobatch_prune_ratio", self.infobatch_prune_ratio, low_open=True, high_open=True)
-        _check_fraction("infobatch_tail_fraction", self.infobatch_tail_fraction, low_open=False, high_open=True)
-        _check_fraction("token_keep_ratio", self.token_keep_ratio, low_open=True, high_open=False)
-        _check_fraction("attention_keep_ratio", self.attention_keep_ratio, low_open=True, high_open=False)
-        _check_fraction("sparsity_warmup_fraction", self.sparsity_warmup_fraction, low_open=False, high_open=True)
-        _check_fraction("sparsity_decay_fraction", self.sparsity_decay_fraction, low_open=False, high_open=False)
+        check_fraction(
+            "example_refresh_fraction", self.example_refresh_fraction, low_inclusive=False, high_inclusive=True
+        )
+        check_fraction(
+            "example_last_refresh_fraction", self.example_last_refresh_fraction, low_inclusive=True, high_inclusive=True
+        )
+        check_fraction("example_swap_fraction", self.example_swap_fraction, low_inclusive=True, high_inclusive=False)
+        check_fraction("infobatch_prune_ratio", self.infobatch_prune_ratio, low_inclusive=False, high_inclusive=False)
+        check_fraction(
+            "infobatch_tail_fraction", self.infobatch_tail_fraction, low_inclusive=True, high_inclusive=False
+        )
+        check_fraction("token_keep_ratio", self.token_keep_ratio, low_inclusive=False, high_inclusive=True)
+        check_fraction("attention_keep_ratio", self.attention_keep_ratio, low_inclusive=False, high_inclusive=True)
+        check_fraction(
+            "sparsity_warmup_fraction", self.sparsity_warmup_fraction, low_inclusive=True, high_inclusive=False
+        )
+        check_fraction("sparsity_decay_fraction", self.sparsity_decay_fraction, low_inclusive=True, high_inclusive=True)
         if self.sparsity_warmup_fraction + self.sparsity_decay_fraction > 1.0:
             raise ValueError(
                 "`sparsity_warmup_fraction` + `sparsity_decay_fraction` must be <= 1, got "
@@ -119,15 +128,6 @@ class TriLevelTrainingArguments(TrainingArguments):
             self.token_keep_ratio + (1.0 - self.token_keep_ratio) * weight,
             self.attention_keep_ratio + (1.0 - self.attention_keep_ratio) * weight,
         )
-
-
-def _check_fraction(name: str, value: float, low_open: bool, high_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
 
 
 class IndexedDataset(Dataset):

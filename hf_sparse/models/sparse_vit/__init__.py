@@ -6,3 +6,13 @@ from .modeling_sparse_vit import (
     SparseViTModelOutput,
     SparseViTPreTrainedModel,
 )
+
+
+__all__ = [
+    "SparseViTConfig",
+    "SparseViTForImageClassification",
+    "SparseViTImageClassifierOutput",
+    "SparseViTModel",
+    "SparseViTModelOutput",
+    "SparseViTPreTrainedModel",
+]
