@@ -1,30 +1,35 @@
-"""Self-contained SparseViT folders and Hub repos: weights, config with `auto_map`, remote code, image processor
-config, a training report and a model card rendered from `model_cards/sparse_vit.md`.
+"""Model cards and publishing: a training report, a card rendered from `model_cards/model_card.md` (shipped inside
+the package), Hub-ready folders and uploads.
 
-`import hf_sparse` registers `write_save_extras` with SparseViT's `save_pretrained`, so a local folder, a
-`model.push_to_hub` and a `Trainer.push_to_hub` (through the trainers' `create_model_card`) all carry the same
-card; the trainers attach a `TrainingReport` to the model.
+Nothing here is hooked into `save_pretrained`: a model saves as transformers saves it (weights, config, and for
+SparseViT its code and `auto_map`), whatever was imported. The card is written explicitly: by the trainers (every
+`save_model`, checkpoints included, and `Trainer.push_to_hub` through `create_model_card`), by `save_for_hub` /
+`push_to_hub` here, and by `hf-sparse push`. A card that cannot be written is logged and never costs the weights.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .sparsity import sparsity_report
+logger = logging.getLogger(__name__)
 
 REPORT_FILENAME = "hf_sparse_report.json"
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "sparse_vit.md"
+CARD_TEMPLATE = "model_card.md"
 METHOD_SENTENCES = {
     "tri_level": "Tri-Level E-ViT training (example pruning, token pruning and attention sparsity at once).",
     "tost": "the ToST recipe for pruned networks (ghost neurons and skips, rescaled init, label smoothing).",
     "dense": "dense training (no sparsity during training).",
 }
+PLACEHOLDER_REPO_ID = "<your-namespace>/<this-model>"
 
 
 @dataclass
@@ -60,35 +65,59 @@ class TrainingReport:
         (Path(directory) / REPORT_FILENAME).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
 
 
+def card_template() -> str:
+    """The card template's text, read from the installed package."""
+    return resources.files("hf_sparse").joinpath("model_cards", CARD_TEMPLATE).read_text(encoding="utf-8")
+
+
+def _is_sparse_vit(model) -> bool:
+    return getattr(model.config, "model_type", None) == "sparse_vit"
+
+
 def sparsity_settings(model, report: TrainingReport | None) -> list[tuple[str, str]]:
+    """The card's settings table: SparseViT's token and attention sparsity, the weight mask recorded in
+    `config.weight_sparsity` (ToSTTrainer writes it), and the training method's settings."""
     config = model.config
-    rows = [
-        ("token keep ratio", f"{config.token_keep_ratio:g}"),
-        ("token pruning layers", ", ".join(str(i) for i in config.token_pruning_layers) or "none"),
-        ("token fusion", "on" if config.token_fusion else "off"),
-        ("attention keep ratio", f"{config.attention_keep_ratio:g}"),
-    ]
+    rows = []
+    if _is_sparse_vit(model):
+        rows = [
+            ("token keep ratio", f"{config.token_keep_ratio:g}"),
+            ("token pruning layers", ", ".join(str(i) for i in config.token_pruning_layers) or "none"),
+            ("token fusion", "on" if config.token_fusion else "off"),
+            ("attention keep ratio", f"{config.attention_keep_ratio:g}"),
+        ]
     weight_sparsity = getattr(config, "weight_sparsity", None)
     if weight_sparsity:
         rows += [(f"weight mask {key}", str(value)) for key, value in weight_sparsity.items()]
-    else:
-        report_of_zeros = sparsity_report(model)
-        if report_of_zeros["prunable_zeros"]:
-            rows.append(("zero weights in q/k/v/o and MLP projections", f"{report_of_zeros['prunable_sparsity']:.2%}"))
     if report is not None:
         rows += [(key.replace("_", " "), str(value)) for key, value in report.settings.items()]
     return rows
 
 
-def build_model_card(model, report: TrainingReport | None, repo_id: str | None = None, has_processor: bool = False) -> ModelCard:
+def _architecture(model) -> str:
+    config = model.config
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    if not _is_sparse_vit(model):
+        return f"{type(model).__name__} (`{config.model_type}`), {parameters:,} parameters, {config.num_labels} labels."
+    return (
+        f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
+        f"MLP {config.intermediate_size}, image {config.image_size} with patch {config.patch_size} "
+        f"({config.num_patches} patches), {config.num_channels} channel(s), {config.num_labels} labels"
+        + (", DeiT distillation token" if config.use_distillation_token else "")
+        + f"; {parameters:,} parameters."
+    )
+
+
+def build_model_card(
+    model, report: TrainingReport | None, repo_id: str | None = None, has_processor: bool = False
+) -> ModelCard:
     """Render the project's card for `model` (metadata: library, tags, pipeline tag, data set, base model, eval
     results; body: sparsity settings, measured accuracy and time, how to load it)."""
-    if not CARD_TEMPLATE.is_file():
-        raise FileNotFoundError(f"The model card template {CARD_TEMPLATE} is missing (install hf_sparse from its repo).")
     report = report or TrainingReport()
-    repo_id = repo_id or "<your-namespace>/<this-model>"
+    repo_id = repo_id or PLACEHOLDER_REPO_ID
     model_name = repo_id.split("/")[-1]
-    tags = ["hf_sparse", "sparse-vit", "vision", "image-classification"]
+    sparse_vit = _is_sparse_vit(model)
+    tags = ["hf_sparse", "sparse-vit" if sparse_vit else model.config.model_type, "vision", "image-classification"]
     tags += {"tri_level": ["tri-level-evit", "token-pruning"], "tost": ["tost", "sparse-training"]}.get(report.method, [])
     eval_results = None
     if report.test_accuracy is not None and report.dataset:
@@ -123,18 +152,12 @@ def build_model_card(model, report: TrainingReport | None, repo_id: str | None =
         results.append(("training time saved against dense", f"{100 * report.time_saved():.1f} %"))
     if report.images_trained is not None:
         results.append(("images trained", f"{report.images_trained:,}"))
-    config = model.config
-    architecture = (
-        f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
-        f"MLP {config.intermediate_size}, image {config.image_size} with patch {config.patch_size} "
-        f"({config.num_patches} patches), {config.num_channels} channel(s), {config.num_labels} labels"
-        + (", DeiT distillation token" if config.use_distillation_token else "")
-        + "."
-    )
     return ModelCard.from_template(
         card_data,
-        template_path=str(CARD_TEMPLATE),
+        template_str=card_template(),
         model_name=model_name,
+        model_kind="SparseViT" if sparse_vit else type(model).__name__,
+        remote_code=sparse_vit,
         repo_id=repo_id,
         method_sentence=METHOD_SENTENCES.get(report.method, report.method),
         has_processor=has_processor,
@@ -146,33 +169,63 @@ def build_model_card(model, report: TrainingReport | None, repo_id: str | None =
             if report.dense_train_seconds
             else None
         ),
-        architecture=architecture,
+        architecture=_architecture(model),
     )
 
 
-def write_save_extras(model, directory: str) -> None:
-    """Called by SparseViT's `save_pretrained`: image processor config, training report and model card."""
-    processor = getattr(model, "image_processor", None)
-    if processor is not None:
-        processor.save_pretrained(directory)
-    report = getattr(model, "hf_sparse_report", None) or TrainingReport.read(directory)
+def write_model_card(model, directory: str | os.PathLike, report: TrainingReport | None = None,
+                     repo_id: str | None = None) -> None:
+    """Write `hf_sparse_report.json` (when there is a report) and README.md (the card) into `directory`."""
+    directory = Path(directory)
     if report is not None:
         report.write(directory)
-    has_processor = os.path.isfile(os.path.join(directory, "preprocessor_config.json"))
-    repo_id = getattr(model, "hub_repo_id", None)
-    build_model_card(model, report, repo_id=repo_id, has_processor=has_processor).save(os.path.join(directory, "README.md"))
+    has_processor = (directory / "preprocessor_config.json").is_file()
+    build_model_card(model, report, repo_id=repo_id, has_processor=has_processor).save(str(directory / "README.md"))
+
+
+def save_for_hub(model, directory: str | os.PathLike, *, report: TrainingReport | None = None, image_processor=None,
+                 repo_id: str | None = None, **save_kwargs) -> None:
+    """A self-contained, Hub-ready folder: `model.save_pretrained` (weights, config, SparseViT's code), the image
+    processor config, the training report and the card. A card that fails is logged; the weights stay saved."""
+    model.save_pretrained(directory, **save_kwargs)
+    if image_processor is not None:
+        image_processor.save_pretrained(directory)
+    try:
+        write_model_card(model, directory, report, repo_id=repo_id)
+    except Exception as error:  # noqa: BLE001 - the card is a side artefact
+        logger.warning("Could not write the model card into %s (%s: %s); the weights are saved.",
+                       directory, type(error).__name__, error)
+
+
+def push_to_hub(model, repo_id: str, *, report: TrainingReport | None = None, image_processor=None,
+                private: bool | None = None, token: str | None = None, commit_message: str | None = None,
+                revision: str | None = None, create_pr: bool = False):
+    """Publish `model` with its card: exactly what `save_for_hub` writes, in one commit (`model.push_to_hub` works
+    too, with transformers' generic card)."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as directory:
+        save_for_hub(model, directory, report=report, image_processor=image_processor, repo_id=repo_id)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            commit_message=commit_message or f"Upload {type(model).__name__} with hf_sparse",
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def push_checkpoint(directory: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None):
-    """`hf-sparse push`: publish a local SparseViT folder (a `save_pretrained` or Trainer output) with the card."""
+    """`hf-sparse push`: publish a local model folder (a `save_pretrained` or Trainer output) with the card, built
+    from its weights and its `hf_sparse_report.json`. The local folder is left as it is."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory!r} has no config.json: not a saved model folder.")
     model = AutoModelForImageClassification.from_pretrained(directory)
+    processor = None
     if os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
-        model.image_processor = AutoImageProcessor.from_pretrained(directory)
-    model.hf_sparse_report = TrainingReport.read(directory)
-    model.hub_repo_id = repo_id
-    return model.push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)
+        processor = AutoImageProcessor.from_pretrained(directory)
+    return push_to_hub(model, repo_id, report=TrainingReport.read(directory), image_processor=processor,
+                       private=private, token=token, commit_message=commit_message)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hf_sparse import ToSTTrainer, ToSTTrainingArguments, TriLevelTrainer, TriLevelTrainingArguments
-from hf_sparse.sparsity import get_masks
+from hf_sparse.tost import get_masks
 
 from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
 

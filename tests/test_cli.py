@@ -44,7 +44,7 @@ def test_demo_trains_both_models_and_writes_the_table_plots_and_model(tmp_path, 
 def test_bench_e2e_writes_a_row_per_variant(tmp_path):
     path = tmp_path / "e2e.json"
     cli_main([
-        "bench", "e2e", "--output_dir", str(tmp_path), "--variants", "dense,tokens_only", "--max_train_samples", "256",
+        "bench", "e2e", "--output_dir", str(tmp_path), "--variants", "dense", "tokens_only", "--max_train_samples", "256",
         "--max_eval_samples", "128", "--epochs", "1", "--hidden_size", "32", "--num_hidden_layers", "2",
         "--num_attention_heads", "2", "--json", str(path),
     ])

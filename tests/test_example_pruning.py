@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
-from hf_sparse.data import (
+from hf_sparse.tri_level import (
     EXAMPLE_PRUNERS,
     ExamplePruningSampler,
     ForgettingExamplePruner,

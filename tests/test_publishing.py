@@ -1,5 +1,6 @@
-"""Publishing SparseViT checkpoints: self-contained folders, model.push_to_hub, Trainer.push_to_hub, `hf-sparse push`,
-remote-code loading in a process without hf_sparse, and failures of the Hub (against the local test server)."""
+"""Publishing SparseViT checkpoints: self-contained folders, `hf_sparse.push_to_hub`, model.push_to_hub,
+Trainer.push_to_hub, `hf-sparse push`, remote-code loading in a process without hf_sparse, and failures of the Hub
+(against the local test server)."""
 
 from __future__ import annotations
 
@@ -34,14 +35,19 @@ EXPECTED_FILES = {
 PIXELS = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
 
 
+PROCESSOR = image_processor_for(8, 1, (0.5,), (0.5,))
+REPORT = TrainingReport(
+    method="tri_level", dataset="fashion_mnist", test_accuracy=0.875, train_seconds=60.0,
+    dense_train_seconds=100.0, images_trained=1234, settings={"example_pruning": "forgetting"},
+)
+
+
 def published_model(**config) -> SparseViTForImageClassification:
-    model = tiny_sparse_vit(token_keep_ratio=0.5, attention_keep_ratio=0.5, **config).eval()
-    model.image_processor = image_processor_for(8, 1, (0.5,), (0.5,))
-    model.hf_sparse_report = TrainingReport(
-        method="tri_level", dataset="fashion_mnist", test_accuracy=0.875, train_seconds=60.0,
-        dense_train_seconds=100.0, images_trained=1234, settings={"example_pruning": "forgetting"},
-    )
-    return model
+    return tiny_sparse_vit(token_keep_ratio=0.5, attention_keep_ratio=0.5, **config).eval()
+
+
+def publish(model, repo_id: str):
+    return hf_sparse.push_to_hub(model, repo_id, report=REPORT, image_processor=PROCESSOR)
 
 
 def check_card(card: ModelCard, repo_id: str | None = None) -> None:
@@ -82,9 +88,9 @@ def hub_environment(hub_server) -> dict:
     }
 
 
-def test_save_pretrained_writes_a_self_contained_folder(tmp_path):
+def test_save_for_hub_writes_a_self_contained_folder(tmp_path):
     model = published_model()
-    model.save_pretrained(tmp_path)
+    hf_sparse.save_for_hub(model, tmp_path, report=REPORT, image_processor=PROCESSOR)
     assert EXPECTED_FILES <= set(os.listdir(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
@@ -101,9 +107,9 @@ def test_save_pretrained_writes_a_self_contained_folder(tmp_path):
     assert type(reloaded) is SparseViTForImageClassification
 
 
-def test_model_push_to_hub_replaces_the_generic_card_and_loads_remotely(hub_server):
+def test_push_to_hub_publishes_our_card_and_loads_remotely(hub_server):
     model = published_model()
-    model.push_to_hub("user/tiny-sparse-vit")
+    publish(model, "user/tiny-sparse-vit")
     files = set(hub_server.repo_files("user/tiny-sparse-vit"))
     assert EXPECTED_FILES <= files
     local = Path(snapshot_download("user/tiny-sparse-vit"))
@@ -126,24 +132,22 @@ def test_tri_level_trainer_push_to_hub_writes_our_card(hub_server, tmp_path):
         save_strategy="no", use_cpu=True, token_keep_ratio=0.5, hub_model_id="user/tri-level-run",
         example_inactive_fraction=0.25, disable_tqdm=True,
     )
-    model = tiny_sparse_vit()
-    model.hf_sparse_report = TrainingReport(dataset="fashion_mnist")
-    trainer = TriLevelTrainer(
-        model=model, args=args, train_dataset=data, processing_class=image_processor_for(8, 1, (0.5,), (0.5,))
-    )
+    trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data, processing_class=PROCESSOR)
     trainer.train()
-    trainer.push_to_hub()
+    trainer.push_to_hub(dataset="fashion_mnist")  # keyword arguments go to create_model_card, as in transformers
     files = set(hub_server.repo_files("user/tri-level-run"))
     assert EXPECTED_FILES <= files and "example_pruning.safetensors" in files
     card = ModelCard.load(Path(snapshot_download("user/tri-level-run")) / "README.md")
     assert "hf_sparse" in card.data.tags and "tri-level-evit" in card.data.tags
+    assert card.data.datasets == ["fashion_mnist"] and card.data.model_name == "tri-level-run"
+    assert 'from_pretrained("user/tri-level-run", trust_remote_code=True)' in card.text and "<" not in card.text
     assert "example pruning | forgetting" in card.text and "images trained | 24" in card.text
     assert "This is the model card" not in card.text and "generated automatically" not in card.text
 
 
 def test_cli_push_publishes_an_existing_checkpoint_with_the_same_card(hub_server, tmp_path):
     model = published_model()
-    model.save_pretrained(tmp_path / "checkpoint")
+    hf_sparse.save_for_hub(model, tmp_path / "checkpoint", report=REPORT, image_processor=PROCESSOR)
     assert cli_main(["push", str(tmp_path / "checkpoint"), "user/from-cli"]) == 0
     local = Path(snapshot_download("user/from-cli"))
     assert EXPECTED_FILES <= set(os.listdir(local))
@@ -154,7 +158,7 @@ def test_cli_push_publishes_an_existing_checkpoint_with_the_same_card(hub_server
 
 def test_failures_give_clear_errors_keep_the_local_folder_and_a_retry_succeeds(hub_server, tmp_path, capsys):
     model = published_model()
-    model.save_pretrained(tmp_path / "local")
+    hf_sparse.save_for_hub(model, tmp_path / "local", report=REPORT, image_processor=PROCESSOR)
     before = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
 
     hub_server.stop()
@@ -162,31 +166,54 @@ def test_failures_give_clear_errors_keep_the_local_folder_and_a_retry_succeeds(h
     message = capsys.readouterr().err
     assert "user/flaky" in message and hub_server.url in message and "ConnectError" in message and "retry" in message
     with pytest.raises(httpx.ConnectError):
-        model.push_to_hub("user/flaky")
+        publish(model, "user/flaky")
     hub_server.start()
 
     hub_server.fail_next("*", r".*", status=401, count=None)
     with pytest.raises(HfHubHTTPError) as unauthorised:
-        model.push_to_hub("user/flaky")
+        publish(model, "user/flaky")
     assert unauthorised.value.response.status_code == 401
     hub_server.clear_failures()
 
     hub_server.fail_next("POST", r"/commit/main$", status=500, count=1)
     with pytest.raises(HfHubHTTPError) as server_error:
-        model.push_to_hub("user/flaky")
+        publish(model, "user/flaky")
     assert server_error.value.response.status_code == 500
     assert "config.json" not in set(hub_server.repo_files("user/flaky"))
 
     after = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
     assert after == before  # the local checkpoint is untouched by failed pushes
-    model.push_to_hub("user/flaky")  # the retry goes through, complete
+    publish(model, "user/flaky")  # the retry goes through, complete
     assert EXPECTED_FILES <= set(hub_server.repo_files("user/flaky"))
 
 
-def test_package_import_registers_the_save_extras():
-    from hf_sparse.models.sparse_vit import modeling_sparse_vit
+def test_what_save_pretrained_writes_does_not_depend_on_imports(tmp_path, hub_server):
+    """No hidden hook: the package's class and the remote-code class (no hf_sparse) save the same files, and a plain
+    `model.push_to_hub` (transformers' generic card) still publishes a model that loads remotely."""
+    model = published_model()
+    model.save_pretrained(tmp_path / "package")
+    files = set(os.listdir(tmp_path / "package"))
+    assert files == {"model.safetensors", "config.json", "configuration_sparse_vit.py", "modeling_sparse_vit.py",
+                     "convert_vit.py"}
+    code = (
+        "import sys, os\n"
+        "sys.modules['hf_sparse'] = None\n"
+        "from transformers import AutoModelForImageClassification\n"
+        f"model = AutoModelForImageClassification.from_pretrained({str(tmp_path / 'package')!r}, trust_remote_code=True)\n"
+        f"model.save_pretrained({str(tmp_path / 'remote')!r})\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd="/")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert set(os.listdir(tmp_path / "remote")) == files
+    assert json.loads((tmp_path / "remote" / "config.json").read_text())["auto_map"] == json.loads(
+        (tmp_path / "package" / "config.json").read_text())["auto_map"]
 
-    assert hf_sparse.write_save_extras in modeling_sparse_vit.SAVE_PRETRAINED_EXTRAS
+    model.push_to_hub("user/plain-push")
+    assert files <= set(hub_server.repo_files("user/plain-push"))
+    with torch.no_grad():
+        expected = model(PIXELS).logits[0].tolist()
+    remote = logits_in_fresh_process_without_hf_sparse("user/plain-push", hub_environment(hub_server))
+    assert remote == pytest.approx(expected, abs=1e-6)
     assert isinstance(SparseViTConfig().auto_map, dict)
 
 

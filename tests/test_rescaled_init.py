@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_sparse.sparsity.masks import MaskConfig, get_masks, prune_model
-from hf_sparse.sparsity.rescaled_init import density_rescale, gradinit_rescale, scaled_parameter_names
+from hf_sparse.tost.masks import MaskConfig, get_masks, prune_model
+from hf_sparse.tost.rescaled_init import density_rescale, gradinit_rescale, scaled_parameter_names
 
 
 class TinyNet(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.activations import ACT2FN
 
-from hf_sparse.sparsity.ghosts import (
+from hf_sparse.tost.ghosts import (
     GhostActivation,
     GhostSchedule,
     attach_ghost_activations,
@@ -19,7 +19,7 @@ from hf_sparse.sparsity.ghosts import (
     ghost_skip_alpha,
     identity_like,
 )
-from hf_sparse.sparsity.masks import MaskConfig, prune_model
+from hf_sparse.tost.masks import MaskConfig, prune_model
 
 
 def tiny_vit(seed: int = 0, hidden_act: str = "gelu") -> ViTForImageClassification:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_sparse.sparsity.masks import (
+from hf_sparse.tost.masks import (
     MASK_METHODS,
     MASKS_FILENAME,
     MaskConfig,

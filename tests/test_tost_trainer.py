@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageClassification, TrainerCallback, ViTConfig, ViTForImageClassification
 
 from hf_sparse import SparseViTForImageClassification, ToSTTrainer, ToSTTrainingArguments
-from hf_sparse.sparsity import MASKS_FILENAME, GhostActivation, MaskConfig, get_masks, prune_model, save_masks
-from hf_sparse.sparsity.masks import read_masks
-from hf_sparse.trainers.tost import TOST_MASK_METHODS, default_rescaled_init_steps, label_smoothing_epsilon
+from hf_sparse.tost import MASKS_FILENAME, GhostActivation, MaskConfig, get_masks, prune_model, save_masks
+from hf_sparse.tost.masks import read_masks
+from hf_sparse.tost import TOST_MASK_METHODS, default_rescaled_init_steps, label_smoothing_epsilon
 
 from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
 
@@ -95,7 +95,7 @@ def test_global_scope_and_imp_rewind_step(tmp_path, data):
     trainer = ToSTTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
     setup = trainer.setup_sparsity()
     assert abs(setup["mask_sparsity"] - 0.5) <= 0.005
-    assert trainer._mask_metadata["rewind"] == "step" and trainer._mask_metadata["rounds"] == 4
+    assert trainer.mask_metadata["rewind"] == "step" and trainer.mask_metadata["rounds"] == 4
     too_late = arguments(tmp_path, mask_method="lottery_ticket", lottery_ticket_rewind_step=3,
                          lottery_ticket_round_fraction=0.5)
     with pytest.raises(ValueError, match="lottery_ticket_rewind_step"):

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
 
 from hf_sparse import TriLevelTrainer, TriLevelTrainingArguments
-from hf_sparse.data import load_example_pruner
+from hf_sparse.tri_level import KeepRatioSchedule, load_example_pruner
 
 from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
 
@@ -62,7 +62,8 @@ def test_trains_on_the_planned_subset_with_the_scheduled_ratios(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
     # the schedule: dense during warm-up, cosine down, then the final ratio
-    expected = [args.scheduled_ratios((step - 1) / 18)[0] for step, _ in recorder.ratios]
+    schedule = args.keep_ratio_schedule
+    expected = [schedule.ratios((step - 1) / 18, 0.5, 0.5)[0] for step, _ in recorder.ratios]
     assert [ratio for _, ratio in recorder.ratios] == pytest.approx(expected)
     assert recorder.ratios[0][1] == 1.0 and recorder.ratios[-1][1] == 0.5
     logged = [entry for entry in trainer.state.log_history if "examples_active_fraction" in entry]
@@ -81,11 +82,13 @@ def test_schedule_shape():
         output_dir="unused", token_keep_ratio=0.7, attention_keep_ratio=0.4, report_to=[],
         sparsity_warmup_fraction=0.1, sparsity_decay_fraction=0.4,
     )
-    assert args.scheduled_ratios(0.05) == (1.0, 1.0)
-    token, attention = args.scheduled_ratios(0.3)
+    schedule = args.keep_ratio_schedule
+    assert schedule == KeepRatioSchedule(0.1, 0.4)
+    assert schedule.ratios(0.05, 0.7, 0.4) == (1.0, 1.0)
+    token, attention = schedule.ratios(0.3, 0.7, 0.4)
     assert token == pytest.approx(0.7 + 0.3 * 0.5) and attention == pytest.approx(0.4 + 0.6 * 0.5)
-    assert args.scheduled_ratios(0.6) == pytest.approx((0.7, 0.4))
-    assert args.scheduled_ratios(1.0) == pytest.approx((0.7, 0.4))
+    assert schedule.ratios(0.6, 0.7, 0.4) == pytest.approx((0.7, 0.4))
+    assert schedule.ratios(1.0, 0.7, 0.4) == pytest.approx((0.7, 0.4))
 
 
 class StopAt(TrainerCallback):

@@ -1,17 +1,5 @@
-"""Data for hf_sparse: example-level pruning (scores, samplers), built-in data sets, image transforms."""
+"""Data for hf_sparse: the built-in Fashion-MNIST, a loader for any image-classification set, image transforms."""
 
-from .example_pruning import (
-    EXAMPLE_PRUNERS,
-    ExamplePruner,
-    ExamplePruningSampler,
-    ForgettingExamplePruner,
-    InfoBatchExamplePruner,
-    NoExamplePruner,
-    RandomExamplePruner,
-    build_example_pruner,
-    load_example_pruner,
-    plan_refresh_epochs,
-)
 from .fashion_mnist import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASS_NAMES,
@@ -29,27 +17,17 @@ from .transforms import ImageTransform, build_image_transforms, image_processor_
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
-    "EXAMPLE_PRUNERS",
     "FASHION_MNIST_CLASS_NAMES",
     "FASHION_MNIST_HUB_NAME",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
-    "ExamplePruner",
-    "ExamplePruningSampler",
-    "ForgettingExamplePruner",
     "ImageTransform",
-    "InfoBatchExamplePruner",
-    "NoExamplePruner",
-    "RandomExamplePruner",
-    "build_example_pruner",
     "build_image_transforms",
     "fashion_mnist_features",
     "hf_sparse_cache_dir",
     "image_processor_for",
-    "load_example_pruner",
     "load_fashion_mnist",
     "load_image_classification_dataset",
-    "plan_refresh_epochs",
     "prepare_image_classification_columns",
     "read_idx",
 ]

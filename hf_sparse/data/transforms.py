@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..validation import check_choice, check_int
+
 __all__ = ["ImageTransform", "build_image_transforms", "image_processor_for"]
 
 # The resampling filter used by both the transforms and the image processor (ViT's default).
@@ -48,12 +50,9 @@ class ImageTransform:
         random_crop_padding: int = 0,
         horizontal_flip: bool = False,
     ) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 (mode 'L') or 3 (mode 'RGB'), got {num_channels!r}.")
-        if isinstance(random_crop_padding, bool) or not isinstance(random_crop_padding, int) or random_crop_padding < 0:
-            raise ValueError(f"random_crop_padding must be an int >= 0, got {random_crop_padding!r}.")
+        check_int("image_size", image_size, minimum=1)
+        check_choice("num_channels", num_channels, (1, 3))  # mode "L" or "RGB"
+        check_int("random_crop_padding", random_crop_padding, minimum=0)
         self.image_size = image_size
         self.num_channels = num_channels
         self.mode = "L" if num_channels == 1 else "RGB"
@@ -147,10 +146,8 @@ def image_processor_for(image_size: int, num_channels: int, mean: Sequence[float
     """
     from transformers import ViTImageProcessorPil  # deferred: keeps `import hf_sparse.data` light
 
-    if num_channels not in (1, 3):
-        raise ValueError(f"num_channels must be 1 or 3, got {num_channels!r}.")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+    check_choice("num_channels", num_channels, (1, 3))
+    check_int("image_size", image_size, minimum=1)
     mean_values = _check_normalisation("mean", mean, num_channels).tolist()
     std_values = _check_normalisation("std", std, num_channels).tolist()
     if num_channels == 1:

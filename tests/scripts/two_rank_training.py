@@ -50,7 +50,7 @@ def main(trainer_name: str, output_dir: str) -> None:
 
 
 def main_tost(data, output_dir: str) -> None:
-    from hf_sparse.sparsity import get_masks
+    from hf_sparse.tost import get_masks
 
     args = ToSTTrainingArguments(
         output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=4, learning_rate=1e-2,

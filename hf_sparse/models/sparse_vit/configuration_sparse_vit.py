@@ -63,6 +63,7 @@ class SparseViTConfig(PreTrainedConfig):
     """
 
     model_type = "sparse_vit"
+    _auto_class = "AutoConfig"  # saved with its code and `auto_map`, for Hub users without hf_sparse
 
     def __init__(
         self,

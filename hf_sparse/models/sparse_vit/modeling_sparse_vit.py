@@ -17,8 +17,6 @@ mask in force, in float32, so the main attention stays a fused SDPA call and an 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,11 +31,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_sparse_vit import SparseViTConfig, _check_ratio, _pair
-
-
-# Extension point: `hf_sparse` adds writers here (model card, image processor config) so that `save_pretrained` and
-# `push_to_hub` produce a self-contained folder. As Hub remote code the list stays empty and saving is plain.
-SAVE_PRETRAINED_EXTRAS: list[Callable[[PreTrainedModel, str], None]] = []
 
 
 @dataclass
@@ -467,49 +460,6 @@ class SparseViTPreTrainedModel(PreTrainedModel):
             if module.distillation_token is not None:
                 init.trunc_normal_(module.distillation_token, mean=0.0, std=std)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            for write_extra in SAVE_PRETRAINED_EXTRAS:
-                write_extra(self, str(save_directory))
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        tags: list[str] | None = None,
-        **kwargs,
-    ):
-        """Upload exactly what `save_pretrained` writes (weights, config with `auto_map`, code, and, with `hf_sparse`
-        imported, the image processor config and the model card). transformers' own `push_to_hub` would replace
-        the card with a generic one."""
-        from huggingface_hub import HfApi
-
-        if not SAVE_PRETRAINED_EXTRAS:
-            return super().push_to_hub(
-                repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
-                create_pr=create_pr, tags=tags, **kwargs,
-            )
-        if tags:
-            self.add_model_tags(tags)
-        api = HfApi(token=token if isinstance(token, str) else None)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        self.hub_repo_id = repo_id  # the card's loading snippet names the repo
-        with tempfile.TemporaryDirectory() as directory:
-            self.save_pretrained(directory, max_shard_size=kwargs.get("max_shard_size", "50GB"))
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=directory,
-                commit_message=commit_message or "Upload SparseViT",
-                revision=revision,
-                create_pr=create_pr,
-            )
-
     def _sparse_vit_encoder(self) -> SparseViTEncoder:
         base = getattr(self, self.base_model_prefix, self)
         return base.encoder
@@ -535,6 +485,8 @@ class SparseViTPreTrainedModel(PreTrainedModel):
 
 
 class SparseViTModel(SparseViTPreTrainedModel):
+    _auto_class = "AutoModel"  # `save_pretrained` ships this folder's code (for Hub users without hf_sparse)
+
     # No pooler by default (unlike ViTModel): SparseViT classifiers read the CLS token, so a pooler would never be
     # trained, and loading a classifier checkpoint into AutoModel would leave it random.
     def __init__(self, config: SparseViTConfig, add_pooling_layer: bool = False):
@@ -589,6 +541,8 @@ class SparseViTModel(SparseViTPreTrainedModel):
 
 class SparseViTForImageClassification(SparseViTPreTrainedModel):
     """SparseViT with a linear classifier on the final CLS token (as HF ViT and DeiT's `ForImageClassification`)."""
+
+    _auto_class = "AutoModelForImageClassification"  # `save_pretrained` ships this folder's code
 
     def __init__(self, config: SparseViTConfig):
         super().__init__(config)

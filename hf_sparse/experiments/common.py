@@ -1,0 +1,277 @@
+"""What the recipes, the main job and the benchmarks share: argument dataclasses, data, models, metrics, timing.
+
+`recipes/*.py` parse a YAML config into these dataclasses (transformers' `HfArgumentParser`) and call the functions
+below, so a recipe run, `hf-sparse demo` and the benchmarks build models and data the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainerCallback, ViTConfig, ViTForImageClassification
+
+from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_image_transforms, image_processor_for
+from ..data import load_image_classification_dataset
+from ..models.sparse_vit import SparseViTForImageClassification
+
+
+@dataclass
+class ModelArguments:
+    """The model to train: a SparseViT from scratch (default) or converted from a ViT/DeiT checkpoint."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "ViT/DeiT image-classification checkpoint (local folder or Hub id) to convert; default: "
+                  "a model from scratch."},
+    )
+    hidden_size: int = field(default=128, metadata={"help": "Width of a model from scratch."})
+    num_hidden_layers: int = field(default=6, metadata={"help": "Depth of a model from scratch."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads of a model from scratch."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default: 4 x hidden_size)."})
+    patch_size: int = field(default=4, metadata={"help": "Patch size of a model from scratch."})
+    layer_norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon of a model from scratch."})
+    token_pruning_layers: list[int] | None = field(
+        default=None, metadata={"help": "0-based layer indices that prune tokens (default: 1/4, 2/4, 3/4 of depth)."}
+    )
+    token_fusion: bool = field(default=False, metadata={"help": "Fuse the dropped tokens into one (EViT)."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel.", "choices": ["sdpa", "eager"]}
+    )
+
+
+@dataclass
+class DataArguments:
+    """An image-classification data set: the built-in Fashion-MNIST or anything `datasets.load_dataset` reads."""
+
+    dataset_name: str = field(
+        default="fashion_mnist", metadata={"help": "'fashion_mnist' (built in), a Hub name or a local image folder."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str = field(default="test", metadata={"help": "Evaluation split."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: found by type)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: found by type)."})
+    image_size: int | None = field(default=None, metadata={"help": "Resize to this size (default: the data's)."})
+    num_channels: int | None = field(default=None, metadata={"help": "1 or 3 (default: 1 for Fashion-MNIST, else 3)."})
+    image_mean: list[float] | None = field(default=None, metadata={"help": "Per-channel means (default: per data set)."})
+    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel stds (default: per data set)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded subset of this size."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
+    random_crop_padding: int = field(default=0, metadata={"help": "Random-crop augmentation padding (pixels)."})
+    horizontal_flip: bool = field(default=False, metadata={"help": "Random horizontal flips in training."})
+
+
+@dataclass
+class PreparedData:
+    train: Any
+    eval: Any
+    label_names: list[str]
+    image_size: int
+    num_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = "fashion_mnist"
+
+    def image_processor(self):
+        return image_processor_for(self.image_size, self.num_channels, self.mean, self.std)
+
+
+def prepare_data(data_args: DataArguments, seed: int = 0) -> PreparedData:
+    """Load, subset and transform (`with_transform`) the training and evaluation splits."""
+    train = load_image_classification_dataset(
+        data_args.dataset_name, data_args.train_split, data_args.image_column, data_args.label_column
+    )
+    evaluation = load_image_classification_dataset(
+        data_args.dataset_name, data_args.eval_split, data_args.image_column, data_args.label_column
+    )
+    if data_args.max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    builtin = data_args.dataset_name.replace("-", "_") == "fashion_mnist"
+    num_channels = data_args.num_channels or (1 if builtin else 3)
+    image_size = data_args.image_size or train[0]["image"].size[0]
+    mean = tuple(data_args.image_mean or (FASHION_MNIST_MEAN if builtin else (0.5,) * num_channels))
+    std = tuple(data_args.image_std or (FASHION_MNIST_STD if builtin else (0.5,) * num_channels))
+    train_transform = build_image_transforms(
+        image_size, num_channels, mean, std, train=True,
+        random_crop_padding=data_args.random_crop_padding, horizontal_flip=data_args.horizontal_flip,
+    )
+    eval_transform = build_image_transforms(image_size, num_channels, mean, std, train=False)
+    return PreparedData(
+        train=train.with_transform(train_transform),
+        eval=evaluation.with_transform(eval_transform),
+        label_names=list(train.features["label"].names),
+        image_size=image_size,
+        num_channels=num_channels,
+        mean=mean,
+        std=std,
+        name=data_args.dataset_name,
+    )
+
+
+def vit_config_for(model_args: ModelArguments, data: PreparedData) -> ViTConfig:
+    return ViTConfig(
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size or 4 * model_args.hidden_size,
+        image_size=data.image_size,
+        patch_size=model_args.patch_size,
+        num_channels=data.num_channels,
+        layer_norm_eps=model_args.layer_norm_eps,
+        num_labels=len(data.label_names),
+        id2label=dict(enumerate(data.label_names)),
+        label2id={name: i for i, name in enumerate(data.label_names)},
+    )
+
+
+def build_dense_vit(model_args: ModelArguments, data: PreparedData, seed: int) -> ViTForImageClassification:
+    """The dense baseline: transformers' own ViT, with fused SDPA attention."""
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(vit_config_for(model_args, data))
+    model.set_attn_implementation(model_args.attn_implementation)
+    return model
+
+
+def build_sparse_vit(
+    model_args: ModelArguments,
+    data: PreparedData,
+    seed: int,
+    token_keep_ratio: float | None = None,
+    attention_keep_ratio: float | None = None,
+    from_dense: ViTForImageClassification | None = None,
+) -> SparseViTForImageClassification:
+    """A SparseViT: converted from `model_name_or_path` or `from_dense` (same initial weights as the dense run), or
+    built from scratch; `None` ratios leave the converted model's own (1.0 from scratch)."""
+    overrides: dict[str, Any] = dict(token_fusion=model_args.token_fusion,
+                                     attn_implementation=model_args.attn_implementation)
+    if token_keep_ratio is not None:
+        overrides["token_keep_ratio"] = token_keep_ratio
+    if attention_keep_ratio is not None:
+        overrides["attention_keep_ratio"] = attention_keep_ratio
+    if model_args.token_pruning_layers:
+        overrides["token_pruning_layers"] = list(model_args.token_pruning_layers)
+    source = model_args.model_name_or_path or from_dense or build_dense_vit(model_args, data, seed)
+    return SparseViTForImageClassification.from_vit(source, **overrides)
+
+
+def compute_accuracy(eval_prediction) -> dict[str, float]:
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def training_fields(output_dir: str, epochs: float, batch_size: int, seed: int, evaluations: int = 0,
+                    learning_rate: float = 1e-3) -> dict[str, Any]:
+    """The `TrainingArguments` every experiment run shares (AdamW, cosine with 5 % warm-up, no checkpoints);
+    `evaluations` test-set evaluations spread over the run (0: none)."""
+    fields: dict[str, Any] = dict(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=512,
+        learning_rate=learning_rate,
+        weight_decay=0.05,
+        warmup_steps=0.05,
+        lr_scheduler_type="cosine",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=50,
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,  # with_transform data: the transform needs the raw image column
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if evaluations > 0:
+        fields.update(eval_strategy="steps", eval_steps=1.0 / evaluations)
+    return fields
+
+
+class TrainingClockCallback(TrainerCallback):
+    """Training wall-clock without the time spent evaluating, and the accuracy curve against it."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.evaluation_seconds = 0.0
+        self._evaluation_started: float | None = None
+        self.curve: list[dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._evaluation_started = time.perf_counter()  # evaluation, if any, follows the step end
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        now = time.perf_counter()
+        if self._evaluation_started is not None:
+            self.evaluation_seconds += now - self._evaluation_started
+            self._evaluation_started = None
+        if metrics and "eval_accuracy" in metrics:
+            self.curve.append(
+                {"step": state.global_step, "train_seconds": self.train_seconds(now), "accuracy": metrics["eval_accuracy"]}
+            )
+
+    def train_seconds(self, now: float | None = None) -> float:
+        if self.start is None:
+            return 0.0
+        return (now or time.perf_counter()) - self.start - self.evaluation_seconds
+
+
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv[0], encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        argv = [item for key, value in values.items() for item in _flag(key, value)] + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [f"--{key}", *[str(v) for v in value]]
+    return [f"--{key}", str(value)]
+
+
+def train_from_config(trainer_class, arguments_class, argv: list[str] | None = None, metrics=None):
+    """What `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]` into `ModelArguments`, `DataArguments` and
+    `arguments_class`, build the data and a SparseViT, train (resuming if asked), evaluate, and save the model, its
+    card, the metrics and the trainer state. `metrics(trainer)` adds to the evaluation metrics. Returns the trainer."""
+    model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, arguments_class), argv)
+    if not torch.cuda.is_available() and not training_args.use_cpu:
+        training_args.use_cpu = True  # lets `accelerate launch` on a CPU box form a gloo group
+    # Per-layer sparsity, IMP rounds, ghost removal and such are logged by hf_sparse (main process).
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.getLogger("hf_sparse").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    data = prepare_data(data_args, seed=training_args.seed)
+    # Tri-Level's final keep ratios become the model's own at construction (ToST's arguments have none).
+    model = build_sparse_vit(model_args, data, training_args.seed, getattr(training_args, "token_keep_ratio", None),
+                             getattr(training_args, "attention_keep_ratio", None))
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        compute_metrics=compute_accuracy,
+        processing_class=data.image_processor(),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    results = trainer.evaluate()
+    results.update(metrics(trainer) if metrics is not None else {})
+    trainer.log_metrics("eval", results)
+    trainer.save_metrics("eval", results)
+    trainer.save_model()
+    trainer.save_state()
+    trainer.accelerator.end_training()  # destroys the process group cleanly under `accelerate launch`
+    return trainer

@@ -1,0 +1,199 @@
+"""`ToSTTrainingArguments`: `TrainingArguments` plus ToST's mask and its four techniques."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..validation import check_bool, check_choice, check_fraction, check_int, check_positive
+from .ghosts import GHOST_SKIP_SCHEDULES
+from .masks import DEFAULT_PRUNABLE_PATTERNS, MASK_METHODS, MASK_SCOPES, MaskConfig
+
+
+TOST_MASK_METHODS: tuple[str, ...] = (*MASK_METHODS, "lottery_ticket")
+RESCALED_INIT_METHODS: tuple[str, ...] = ("gradinit", "density", "none")
+GRADINIT_MAX_STEPS = 180
+"""The ToST README's GradInit iterations (long CNN runs); short runs use 2 % of their optimizer steps, at least 1."""
+GRADINIT_STEP_FRACTION = 0.02
+
+
+def default_rescaled_init_steps(total_steps: int) -> int:
+    """min(180, max(1, round(2 % of the optimizer steps))): 180 on long runs, a few on short ones."""
+    return min(GRADINIT_MAX_STEPS, max(1, round(GRADINIT_STEP_FRACTION * total_steps)))
+
+
+@dataclass
+class ToSTTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus ToST's mask and its four techniques. The defaults are the full recipe; every technique
+    switches off on its own (`ghost_soft_neurons=False`, `ghost_skip_connections=False`, `rescaled_init="none"`,
+    `label_smoothing=0`), so "vanilla" sparse training is all four off."""
+
+    # --- the mask -------------------------------------------------------------------------------------------------
+    mask_method: str = field(
+        default="snip",
+        metadata={
+            "help": f"How the weight mask is found: one of {TOST_MASK_METHODS}. Ignored if the model already carries "
+            "masks or `mask_path` is given.",
+            "choices": TOST_MASK_METHODS,
+        },
+    )
+    sparsity: float = field(
+        default=0.9,
+        metadata={
+            "help": "Fraction of the prunable weights set to zero (ViT: the q/k/v/o projections, fc1 and fc2; CNN: "
+            "every convolution after the stem)."
+        },
+    )
+    mask_scope: str = field(
+        default="layer",
+        metadata={
+            "help": "'layer': the same sparsity in every prunable layer (default: on a ViT, one global threshold of "
+            "SNIP/GraSP/SynFlow can prune a whole q_proj/k_proj at high sparsity); 'global': one threshold over all "
+            "prunable weights, as in the CNN papers. 'random' is always per layer.",
+            "choices": MASK_SCOPES,
+        },
+    )
+    mask_batches: int = field(
+        default=1, metadata={"help": "Training batches whose gradients SNIP and GraSP sum (per-device batch size)."}
+    )
+    mask_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the random mask and of the data used to score masks (default: seed)."}
+    )
+    mask_path: str | None = field(
+        default=None,
+        metadata={"help": "A `sparsity_masks.safetensors` file (or a folder holding one) to use instead of computing."},
+    )
+    mask_patterns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Regex on module names selecting the prunable nn.Linear / convolution modules (default: the ViT "
+            "projections or, on a CNN, every convolution but the stem and every Linear but the classifier)."
+        },
+    )
+    synflow_rounds: int = field(default=100, metadata={"help": "SynFlow's score-and-prune rounds (paper: 100)."})
+    lottery_ticket_rounds: int | None = field(
+        default=None,
+        metadata={
+            "help": "IMP rounds. Default: the fewest k with 1 - 0.8^k >= sparsity (11 for 0.9); each round then prunes "
+            "1 - (1 - sparsity)^(1/k) (<= 20 %) of the survivors, so the last round lands exactly on `sparsity`."
+        },
+    )
+    lottery_ticket_round_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Optimizer steps of each dense IMP round as a fraction of this training's steps. 1.0 is classic "
+            "IMP (every round a full training); the default 0.1 costs rounds x 10 % extra (1.1x at 90 % sparsity)."
+        },
+    )
+    lottery_ticket_rewind_step: int = field(
+        default=0,
+        metadata={
+            "help": "0: rewind to the initial weights (Frankle & Carbin 2019). k > 0: rewind to the weights after k "
+            "optimizer steps of the first IMP round (Frankle et al. 2020); k must not exceed a round's steps."
+        },
+    )
+
+    # --- ghosts ---------------------------------------------------------------------------------------------------
+    ghost_soft_neurons: bool = field(
+        default=True,
+        metadata={"help": "Start with softer activations (GELU: x*Phi(lambda x), ReLU: Swish) annealed back."},
+    )
+    ghost_skip_connections: bool = field(
+        default=True, metadata={"help": "Add alpha*G(x) (identity-like, parameter-free) around each sparse layer."}
+    )
+    ghost_end_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Fraction of the optimizer steps after which the ghosts are gone (annealed linearly from the "
+            "start). 0.1: they help gradient flow through the early, most fragile phase of sparse training, and "
+            "90 % of the budget is left to adapt to the final architecture."
+        },
+    )
+    ghost_activation_lambda: float = field(
+        default=0.5, metadata={"help": "Soft neurons: starting sharpness lambda_0 of x*Phi(lambda x) (1 = GELU)."}
+    )
+    ghost_skip_alpha: float = field(default=1.0, metadata={"help": "Ghost skips: starting scale alpha_0 of G(x)."})
+    ghost_skip_schedule: str = field(
+        default="linear",
+        metadata={"help": f"Ghost skips: alpha from alpha_0 to 0, one of {GHOST_SKIP_SCHEDULES}.",
+                  "choices": GHOST_SKIP_SCHEDULES},
+    )
+
+    # --- layer-wise rescaled initialisation -----------------------------------------------------------------------
+    rescaled_init: str = field(
+        default="gradinit",
+        metadata={
+            "help": f"One of {RESCALED_INIT_METHODS}: GradInit scales learned with a masked look-ahead, the closed "
+            "form 1/sqrt(density) per layer, or nothing.",
+            "choices": RESCALED_INIT_METHODS,
+        },
+    )
+    rescaled_init_steps: int | None = field(
+        default=None,
+        metadata={"help": "GradInit iterations. Default min(180, max(1, 2 % of the optimizer steps)); paper: 180."},
+    )
+    gradinit_lr: float = field(default=1e-2, metadata={"help": "GradInit: Adam learning rate of the scales."})
+    gradinit_eta: float = field(default=0.1, metadata={"help": "GradInit: look-ahead step size (normalised gradient)."})
+    gradinit_gamma: float = field(
+        default=1.0, metadata={"help": "GradInit: above this gradient norm, lower the norm instead of the loss."}
+    )
+    gradinit_min_scale: float = field(default=0.01, metadata={"help": "GradInit: lower bound of every scale."})
+
+    # --- label smoothing ------------------------------------------------------------------------------------------
+    label_smoothing: float = field(
+        default=0.1,
+        metadata={
+            "help": "ToST's alpha: 1 - alpha on the label, alpha/(C-1) on each other class (PyTorch/HF epsilon = "
+            "alpha*C/(C-1)). 0 turns it off. Do not combine with `label_smoothing_factor`."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("mask_method", self.mask_method, TOST_MASK_METHODS)
+        check_fraction("sparsity", self.sparsity)
+        check_choice("mask_scope", self.mask_scope, MASK_SCOPES)
+        check_int("mask_batches", self.mask_batches, minimum=1)
+        if self.mask_seed is not None:
+            check_int("mask_seed", self.mask_seed, minimum=0)
+        if self.mask_path is not None and not (isinstance(self.mask_path, (str, os.PathLike)) and str(self.mask_path)):
+            raise ValueError(f"`mask_path` must be a path, got {self.mask_path!r}.")
+        if self.mask_patterns is not None:
+            try:
+                MaskConfig(patterns=self.mask_patterns)
+            except ValueError as error:
+                raise ValueError(f"`mask_patterns`: {error}") from error
+        check_int("synflow_rounds", self.synflow_rounds, minimum=1)
+        if self.lottery_ticket_rounds is not None:
+            check_int("lottery_ticket_rounds", self.lottery_ticket_rounds, minimum=1)
+        check_fraction("lottery_ticket_round_fraction", self.lottery_ticket_round_fraction,
+                       low_inclusive=False, high_inclusive=True)
+        check_int("lottery_ticket_rewind_step", self.lottery_ticket_rewind_step, minimum=0)
+        check_bool("ghost_soft_neurons", self.ghost_soft_neurons)
+        check_bool("ghost_skip_connections", self.ghost_skip_connections)
+        check_fraction("ghost_end_fraction", self.ghost_end_fraction, low_inclusive=False, high_inclusive=True)
+        check_positive("ghost_activation_lambda", self.ghost_activation_lambda)
+        check_positive("ghost_skip_alpha", self.ghost_skip_alpha)
+        check_choice("ghost_skip_schedule", self.ghost_skip_schedule, GHOST_SKIP_SCHEDULES)
+        check_choice("rescaled_init", self.rescaled_init, RESCALED_INIT_METHODS)
+        if self.rescaled_init_steps is not None:
+            check_int("rescaled_init_steps", self.rescaled_init_steps, minimum=0)
+        for name in ("gradinit_lr", "gradinit_eta", "gradinit_gamma", "gradinit_min_scale"):
+            check_positive(name, getattr(self, name))
+        check_fraction("label_smoothing", self.label_smoothing)
+        if self.label_smoothing > 0 and self.label_smoothing_factor > 0:
+            raise ValueError(
+                f"`label_smoothing` ({self.label_smoothing}, ToST's alpha/(C-1) convention) and "
+                f"`label_smoothing_factor` ({self.label_smoothing_factor}, HF's eps/C) are both set: use one. "
+                "For the paper's 0.1 keep `label_smoothing=0.1` and `label_smoothing_factor=0`."
+            )
+
+    @property
+    def mask_patterns_tuple(self) -> tuple[str, ...]:
+        return DEFAULT_PRUNABLE_PATTERNS if self.mask_patterns is None else (self.mask_patterns,)
+
+    @property
+    def uses_ghosts(self) -> bool:
+        return self.ghost_soft_neurons or self.ghost_skip_connections

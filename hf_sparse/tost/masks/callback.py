@@ -1,0 +1,15 @@
+"""`MaskCallback`: pruned weights back to exact zeros after every optimizer step of a `Trainer` run."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .model import reapply
+
+
+class MaskCallback(TrainerCallback):
+    """The gradient hooks already keep pruned weights at zero; this re-applies the masks after each optimizer step as
+    a guard against anything that writes weights outside autograd (weight decay in some optimizers, EMA, loading)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        reapply(model)

@@ -1,0 +1,214 @@
+"""Layer-wise rescaled initialisation (LRsI): GradInit (Zhu et al. 2021) applied to a masked network, as in ToST.
+
+One learned scale alpha_i >= min_scale per parameter tensor, theta_i = alpha_i * theta_i0, so pruned zeros stay
+zero. Each iteration draws a batch and computes g = grad L(theta), masked (g * M) for masked tensors:
+
+* if ||g|| > gamma, the objective is ||g|| (bring the gradient norm down);
+* else it is the loss on a fresh batch after the masked look-ahead step theta' = theta - eta * g / ||g||
+  (theta - eta * g without `normalize_grad`), i.e. "which scales make one SGD step most useful".
+
+Both objectives differentiate through g (a double backward): Adam on the scales, scale gradients clipped to
+`grad_clip` in norm, scales clamped to >= `min_scale`; finally theta_i = alpha_i * theta_i0 is written into the
+model. Unlike ToST's public code the look-ahead is masked and the scales cover LayerNorm weights (transformers).
+
+Double backward through attention: torch's fused CPU SDPA kernel has none. Everything here runs under
+`sdpa_kernel(SDPBackend.MATH)`, which also makes SDPA-attention models work; eager attention
+(`model.config._attn_implementation = "eager"`) works as well.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..masks.model import get_masks
+from ...validation import check_positive
+from ..batches import BatchCycler, LossFn, default_loss_fn
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GradInitReport:
+    """What `gradinit_rescale` did: final scale per tensor, loss on a fixed batch before/after, per-step log."""
+
+    scales: dict[str, float]
+    loss_before: float
+    loss_after: float
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _LossModule(nn.Module):
+    """Wraps `loss_fn(model, batch)` so `functional_call` can swap the model's parameters during the call."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
+    return isinstance(module, norms) or "norm" in type(module).__name__.lower()
+
+
+def scaled_parameter_names(
+    model: nn.Module, include_layernorm: bool = True, include_bias: bool = False, include_embeddings: bool = False
+) -> list[str]:
+    """The trainable tensors that get a GradInit scale.
+
+    Always the weights of non-normalisation modules (Linear, Conv, ...); normalisation weights with
+    `include_layernorm`; biases with `include_bias`; other tensors (CLS token, position embeddings) with
+    `include_embeddings`.
+    """
+    category: dict[int, str] = {}
+    for module in model.modules():
+        for param_name, parameter in module.named_parameters(recurse=False):
+            if param_name == "bias":
+                category[id(parameter)] = "bias"
+            elif param_name == "weight":
+                category[id(parameter)] = "norm" if _is_norm(module) else "weight"
+            else:
+                category[id(parameter)] = "other"
+    wanted = {"weight": True, "norm": include_layernorm, "bias": include_bias, "other": include_embeddings}
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and wanted[category[id(parameter)]]
+    ]
+
+
+def gradinit_rescale(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    steps: int = 180,
+    lr: float = 1e-2,
+    eta: float = 0.1,
+    gamma: float = 1.0,
+    min_scale: float = 0.01,
+    grad_clip: float = 1.0,
+    normalize_grad: bool = True,
+    include_layernorm: bool = True,
+    include_bias: bool = False,
+    include_embeddings: bool = False,
+) -> GradInitReport:
+    """Learn one scale per parameter tensor with GradInit and bake it into the weights (see module docstring).
+
+    Args:
+        batches: a list or DataLoader (restarted when spent) or an iterator with at least 1 + 2 * steps batches.
+            The first batch is held out to measure the loss before and after.
+        loss_fn: `loss_fn(model, batch) -> loss`; it must call `model(...)`. Default: the model's `.loss`.
+        masks: module name -> mask; default: the masks attached to the model. Masked tensors keep their zeros.
+        steps, lr, eta, gamma, min_scale, grad_clip, normalize_grad: GradInit's settings (ToST README values).
+        include_layernorm / include_bias / include_embeddings: which tensors besides weights get a scale.
+
+    Runs in the model's current train/eval mode (dropout adds noise in train mode).
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
+    for name, value in (("lr", lr), ("eta", eta), ("gamma", gamma), ("min_scale", min_scale), ("grad_clip", grad_clip)):
+        check_positive(name, value)
+
+    loss_module = _LossModule(model, loss_fn or default_loss_fn)
+    parameters = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    masks = get_masks(model) if masks is None else masks
+    parameter_masks = {}
+    for module_name, mask in masks.items():
+        parameter_name = f"{module_name}.weight" if module_name else "weight"
+        if parameter_name not in parameters:
+            raise ValueError(f"`masks` names `{module_name}`, which has no trainable weight in the model.")
+        parameter_masks[parameter_name] = mask.to(parameters[parameter_name].device, torch.bool)
+    base = {
+        name: parameter.detach().masked_fill(~parameter_masks[name], 0)
+        if name in parameter_masks
+        else parameter.detach()
+        for name, parameter in parameters.items()
+    }
+    scaled = scaled_parameter_names(model, include_layernorm, include_bias, include_embeddings)
+    # float64 scalars: exact clamping at min_scale; a 0-dim tensor does not change the weights' dtype.
+    scales = {
+        name: torch.ones((), dtype=torch.float64, device=base[name].device, requires_grad=True) for name in scaled
+    }
+    optimizer = torch.optim.Adam(list(scales.values()), lr=lr)
+    cycler = BatchCycler(batches)
+
+    def loss_at(values: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return functional_call(loss_module, {f"model.{name}": value for name, value in values.items()}, (batch,))
+
+    history: list[dict[str, Any]] = []
+    with sdpa_kernel(SDPBackend.MATH):
+        held_out = cycler.next()
+        with torch.no_grad():
+            loss_before = float(loss_at(base, held_out))
+        for step in range(steps):
+            values = {
+                name: scales[name] * tensor if name in scales else tensor.detach().requires_grad_(True)
+                for name, tensor in base.items()
+            }
+            loss = loss_at(values, cycler.next())
+            grads = torch.autograd.grad(loss, list(values.values()), create_graph=True, allow_unused=True)
+            grads = {
+                name: (torch.zeros_like(values[name]) if grad is None else grad)
+                for name, grad in zip(values, grads)
+            }
+            for name, mask in parameter_masks.items():
+                grads[name] = grads[name].masked_fill(~mask, 0)  # the look-ahead must not grow pruned weights
+            grad_norm = torch.sqrt(sum(grad.pow(2).sum() for grad in grads.values()))
+            if grad_norm.item() > gamma:
+                objective, kind = grad_norm, "grad_norm"
+            else:
+                step_size = eta / (grad_norm + 1e-12) if normalize_grad else eta
+                lookahead = {name: values[name] - step_size * grads[name] for name in values}
+                objective, kind = loss_at(lookahead, cycler.next()), "lookahead"
+            if not objective.requires_grad:
+                raise RuntimeError("GradInit's objective does not depend on the scales; check `loss_fn`.")
+            scale_grads = torch.autograd.grad(objective, list(scales.values()), allow_unused=True)
+            scale_grads = [torch.zeros_like(s) if g is None else g for s, g in zip(scales.values(), scale_grads)]
+            total = torch.sqrt(sum(g.pow(2) for g in scale_grads))
+            clip = min(1.0, grad_clip / (total.item() + 1e-12))
+            for scale, grad in zip(scales.values(), scale_grads):
+                scale.grad = grad.detach() * clip
+            optimizer.step()
+            with torch.no_grad():
+                for scale in scales.values():
+                    scale.clamp_(min=min_scale)
+            history.append(
+                {
+                    "step": step,
+                    "objective": kind,
+                    "value": objective.item(),
+                    "loss": loss.item(),
+                    "grad_norm": grad_norm.item(),
+                }
+            )
+
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                if name in scales:
+                    parameter.copy_(scales[name] * base[name])
+                elif name in parameter_masks:
+                    parameter.masked_fill_(~parameter_masks[name], 0)
+            loss_after = float(loss_at({name: parameter.detach() for name, parameter in parameters.items()}, held_out))
+    report = GradInitReport(
+        scales={name: scale.item() for name, scale in scales.items()},
+        loss_before=loss_before,
+        loss_after=loss_after,
+        steps=steps,
+        history=history,
+    )
+    logger.info("GradInit: %d steps, held-out loss %.4f -> %.4f", steps, loss_before, loss_after)
+    return report

@@ -1,0 +1,218 @@
+"""`TriLevelTrainer`: example pruning (level 1) with scheduled token (level 2) and attention (level 3) sparsity.
+
+What differs from the reference code, on purpose:
+  * the active example set is global: per-sample statistics are gathered across ranks, so every rank holds the same
+    set and draws the same order (seed + epoch); the savings are real optimizer steps not taken (every epoch has
+    the planned, smaller size, so the learning-rate schedule and the progress bar count only what is trained);
+  * statistics are recorded vectorised inside the training step, with no per-sample host sync;
+  * correctness is judged on the inputs the model was trained on, against their own labels;
+  * ties in forgetting counts are broken by CLS-attention variance (or a seeded permutation), never by index.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..flops import token_counts
+from ..trainers.base import SparseTrainer
+from .arguments import TriLevelTrainingArguments
+from .example_pruning import (
+    EXAMPLE_INDEX,
+    ExamplePruner,
+    ExamplePruningSampler,
+    IndexedDataset,
+    build_example_pruner,
+)
+from .schedule import KeepRatioScheduleCallback
+
+logger = logging.getLogger(__name__)
+
+
+class TriLevelTrainer(SparseTrainer):
+    """A `Trainer` that trains on a pruned, refreshed subset of the examples and schedules token and attention
+    sparsity. Construct it like `Trainer`, with `TriLevelTrainingArguments`.
+
+    The example level works with any model that returns logits. Token and attention sparsity need a model with
+    `set_sparsity` (e.g. `SparseViTForImageClassification`, or one converted with `.from_vit`); their final ratios
+    are the model's own (`config.token_keep_ratio`, `config.attention_keep_ratio`), replaced by the arguments' when
+    these are set.
+    """
+
+    arguments_class = TriLevelTrainingArguments
+    method = "tri_level"
+    _tag_names = ["hf_sparse", "tri-level-evit"]
+
+    def __init__(self, model=None, args: TriLevelTrainingArguments | None = None, train_dataset=None, **kwargs):
+        if train_dataset is not None:
+            train_dataset = IndexedDataset(train_dataset)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        unwrapped = self.unwrapped_model
+        self._supports_sparsity = hasattr(unwrapped, "set_sparsity")
+        if self._supports_sparsity:
+            self._apply_final_ratios(unwrapped.config)
+            self.add_callback(KeepRatioScheduleCallback(args.keep_ratio_schedule))
+        elif any(ratio is not None and ratio < 1.0 for ratio in (args.token_keep_ratio, args.attention_keep_ratio)):
+            raise ValueError(
+                f"`token_keep_ratio`/`attention_keep_ratio` below 1.0 need a model with token and attention sparsity; "
+                f"{type(unwrapped).__name__} has none. Convert it with "
+                "`SparseViTForImageClassification.from_vit(model)`, or set both ratios to 1.0 (example pruning alone "
+                "works with any classifier)."
+            )
+        self._records_cls_variance = "output_cls_attention_variance" in inspect.signature(unwrapped.forward).parameters
+        self.example_pruner: ExamplePruner | None = None
+        self._resume_pruning_from: str | None = None
+        self._samples_seen = 0
+        self._samples_since_log = 0
+        self._last_log_time: float | None = None
+        self._train_start_time: float | None = None
+
+    def _apply_final_ratios(self, config) -> None:
+        """The final ratios are the model's own: an explicit argument replaces them, and says so once."""
+        for name in ("token_keep_ratio", "attention_keep_ratio"):
+            requested, own = getattr(self.args, name), getattr(config, name)
+            if requested is not None and requested != own:
+                logger.warning("TriLevelTrainer: `%s`=%g from the arguments replaces the model's config.%s=%g "
+                               "(the model is saved with %g).", name, requested, name, own, requested)
+                setattr(config, name, requested)
+        self.unwrapped_model.reset_sparsity()
+
+    @property
+    def samples_seen(self) -> int:
+        """Examples trained so far, over all ranks."""
+        return self._samples_seen
+
+    def images_trained(self) -> int | None:
+        return self._samples_seen or None
+
+    # --- data: the pruned, globally identical epoch order ---------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_INDEX not in self._signature_columns:
+            self._signature_columns.append(EXAMPLE_INDEX)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        args = self.args
+        fields: dict[str, Any] = {}
+        if args.example_pruning == "forgetting":
+            fields = {
+                "refresh_period_fraction": args.example_refresh_fraction,
+                "refresh_last_fraction": args.example_last_refresh_fraction,
+                "swap_fraction": args.example_swap_fraction,
+                "tie_break": args.example_tie_break,
+            }
+        elif args.example_pruning == "infobatch":
+            fields = {"prune_ratio": args.infobatch_prune_ratio, "tail_fraction": args.infobatch_tail_fraction}
+        self.example_pruner = build_example_pruner(
+            args.example_pruning,
+            len(dataset),
+            num_epochs=None,  # planned in `set_initial_training_values`, from the Trainer's own count
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            inactive_fraction=args.example_inactive_fraction,
+            **fields,
+        )
+        return ExamplePruningSampler(self.example_pruner)
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        self.example_pruner.plan_run(values[0])  # num_train_epochs
+        if self._resume_pruning_from is not None:
+            self.example_pruner.load(self._resume_pruning_from)
+        return values
+
+    def _prepare_training(self, resume_from_checkpoint: str | None) -> None:
+        self._resume_pruning_from = resume_from_checkpoint
+
+    # --- training step: loss and statistics -------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._train_start_time is None:
+            self._train_start_time = self._last_log_time = time.perf_counter()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        example_index = inputs.pop(EXAMPLE_INDEX, None)
+        if (example_index is None or not model.training or self.example_pruner is None or "labels" not in inputs
+                or self.compute_loss_func is not None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        extra = {}
+        if self._records_cls_variance and self.args.example_tie_break == "cls_attention_variance":
+            extra["output_cls_attention_variance"] = True
+        labels = inputs["labels"]
+        per_example, outputs = self.classification_loss(model, inputs, **extra)
+        weights = self.example_pruner.loss_weights(example_index.cpu()).to(per_example.device)
+        loss = (per_example * weights).mean()  # a per-batch mean (`loss_is_scaled_for_ga=False`)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        self._record(example_index, logits, labels, per_example, getattr(outputs, "cls_attention_variance", None))
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, example_index, logits, labels, per_example_loss, cls_variance) -> None:
+        """Gather this step's statistics from every rank, so all ranks update the same global state."""
+        correct = logits.argmax(dim=-1) == labels
+        if cls_variance is None:
+            cls_variance = torch.full_like(per_example_loss, float("nan"))
+        statistics = torch.stack((correct.float(), per_example_loss.detach().float(), cls_variance.float()), dim=1)
+        indices = self.accelerator.gather(example_index.long()).cpu()
+        statistics = self.accelerator.gather(statistics).cpu()
+        variance = statistics[:, 2]
+        self.example_pruner.record(
+            indices, statistics[:, 0].bool(), statistics[:, 1], None if torch.isnan(variance).all() else variance
+        )
+        self._samples_seen += indices.shape[0]
+        self._samples_since_log += indices.shape[0]
+
+    # --- evaluation uses the final ratios -------------------------------------------------------------------------
+
+    def evaluate(self, *args, **kwargs):
+        if self._supports_sparsity:
+            self.unwrapped_model.reset_sparsity()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        if self._supports_sparsity:
+            self.unwrapped_model.reset_sparsity()
+        return super().predict(*args, **kwargs)
+
+    # --- logging ------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.example_pruner is not None:
+            now = time.perf_counter()
+            logs["samples_seen"] = self._samples_seen
+            logs["examples_active_fraction"] = self.example_pruner.epoch_size / self.example_pruner.num_examples
+            if self._last_log_time is not None and now > self._last_log_time:
+                logs["images_per_second"] = round(self._samples_since_log / (now - self._last_log_time), 2)
+            if self._train_start_time is not None:
+                logs["wall_clock_s"] = round(now - self._train_start_time, 2)
+            self._samples_since_log, self._last_log_time = 0, now
+            if self._supports_sparsity:
+                unwrapped = self.unwrapped_model
+                sparsity = unwrapped.get_sparsity()
+                logs.update({k: round(v, 4) for k, v in sparsity.items()})
+                counts = token_counts(unwrapped.config, sparsity["token_keep_ratio"])
+                logs["tokens_per_image"] = round(sum(attn for attn, _ in counts) / len(counts), 2)
+        super().log(logs, *args, **kwargs)
+
+    # --- report and checkpoints: the example-pruning state travels with every checkpoint ------------------------
+
+    def report_settings(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "example_pruning": args.example_pruning,
+            "example_inactive_fraction": args.example_inactive_fraction,
+            "token/attention schedule": (
+                f"dense for {args.sparsity_warmup_fraction:.3g} of training, cosine to the final ratios over "
+                f"{args.sparsity_decay_fraction:.3g}"
+            ),
+        }
+
+    def save_method_state(self, directory: str) -> None:
+        if self.example_pruner is not None:
+            self.example_pruner.save(directory)
