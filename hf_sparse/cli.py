@@ -41,6 +41,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "throughput"): ("hf_sparse.experiments.bench_throughput", "images/s of HF ViT vs SparseViT variants"),
     ("bench", "e2e"): ("hf_sparse.experiments.bench_e2e", "training time and accuracy: dense vs Tri-Level"),
     ("bench", "tost"): ("hf_sparse.experiments.bench_tost", "vanilla sparse training vs the ToST recipe, per mask"),
+    ("evaluate", None): ("hf_sparse.experiments.evaluation", "accuracy and inference throughput of saved models"),
     ("convert", None): ("hf_sparse.cli", "convert a ViT/DeiT checkpoint to SparseViT"),
     ("push", None): ("hf_sparse.cli", "publish a local model folder to the Hub with its model card"),
 }
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if module_name == __name__:
             return {"convert": convert, "push": push}[command](*arguments)
         importlib.import_module(module_name).main(*arguments)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, OSError) as error:  # bad values, missing files or folders, an unreachable Hub
         if os.environ.get("HF_SPARSE_TRACEBACK"):
             raise
         print(f"{name}: error: {error}", file=sys.stderr)

@@ -373,7 +373,7 @@ def test_input_embeddings_and_gradient_checkpointing():
     model(pixel_values, labels=labels).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.sparse_vit.encoder.layers)
     model.train()
     model(pixel_values, labels=labels).loss.backward()

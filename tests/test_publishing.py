@@ -241,3 +241,25 @@ def test_tost_trainer_push_to_hub_writes_our_card_with_the_mask(hub_server, tmp_
     reloaded = AutoModelForImageClassification.from_pretrained(local)
     zeros = sum(int((m.weight == 0).sum()) for n, m in reloaded.named_modules() if n.endswith(("q_proj", "fc1")))
     assert zeros > 0 and reloaded.config.weight_sparsity["method"] == "magnitude"
+
+
+def test_a_failing_card_never_costs_the_weights_or_the_checkpoint(tmp_path, monkeypatch, caplog):
+    import hf_sparse.hub
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(hf_sparse.hub, "build_model_card", broken)
+    hf_sparse.save_for_hub(published_model(), tmp_path / "folder", report=REPORT, image_processor=PROCESSOR)
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= set(os.listdir(tmp_path / "folder"))
+    from hf_sparse import TriLevelTrainingArguments
+
+    args = TriLevelTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+        save_strategy="steps", save_steps=1, example_inactive_fraction=0.25, disable_tqdm=True,
+    )
+    TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=with_tiny_transform(tiny_image_dataset(32))).train()
+    for step in (1, 2):
+        files = set(os.listdir(tmp_path / "run" / f"checkpoint-{step}"))
+        assert {"model.safetensors", "trainer_state.json", "example_pruning.safetensors"} <= files
+    assert any("template exploded" in record.getMessage() for record in caplog.records)

@@ -49,9 +49,11 @@ def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, confi
 
 def test_bench_tost_writes_vanilla_and_recipe_rows(tmp_path, capsys):
     cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla", "full",
-              "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1", "--hidden_size", "32",
-              "--num_hidden_layers", "2", "--num_attention_heads", "2", "--output_dir", str(tmp_path)])
+              "--seeds", "42", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1",
+              "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+              "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(tmp_path)])
     rows = json.loads((tmp_path / "bench_tost.json").read_text())["rows"]
-    assert {(row["method"], row["technique"]) for row in rows} == {("magnitude", "vanilla"), ("magnitude", "full")}
+    assert {(row["family"], row["method"], row["technique"]) for row in rows} == {
+        (family, "magnitude", technique) for family in ("resnet", "sparse_vit") for technique in ("vanilla", "full")}
     assert all(abs(row["mask_sparsity"] - 0.5) <= 0.005 for row in rows)
     assert "vs vanilla" in capsys.readouterr().out

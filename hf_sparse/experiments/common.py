@@ -15,17 +15,34 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from transformers import HfArgumentParser, TrainerCallback, ViTConfig, ViTForImageClassification
+from transformers import (
+    HfArgumentParser,
+    ResNetConfig,
+    ResNetForImageClassification,
+    TrainerCallback,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_image_transforms, image_processor_for
 from ..data import load_image_classification_dataset
 from ..models.sparse_vit import SparseViTForImageClassification
+from ..validation import check_fraction
+
+logger = logging.getLogger(__name__)
+
+
+MODEL_TYPES = ("sparse_vit", "resnet")
 
 
 @dataclass
 class ModelArguments:
-    """The model to train: a SparseViT from scratch (default) or converted from a ViT/DeiT checkpoint."""
+    """The model to train: a SparseViT from scratch (default) or converted from a ViT/DeiT checkpoint, or
+    transformers' `ResNetForImageClassification` (for ToST, whose paper is about CNNs)."""
 
+    model_type: str = field(
+        default="sparse_vit", metadata={"help": "The model family.", "choices": list(MODEL_TYPES)}
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "ViT/DeiT image-classification checkpoint (local folder or Hub id) to convert; default: "
@@ -43,6 +60,12 @@ class ModelArguments:
     token_fusion: bool = field(default=False, metadata={"help": "Fuse the dropped tokens into one (EViT)."})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel.", "choices": ["sdpa", "eager"]}
+    )
+    resnet_hidden_sizes: list[int] = field(
+        default_factory=lambda: [16, 32, 64], metadata={"help": "ResNet: the width of each stage."}
+    )
+    resnet_depths: list[int] = field(
+        default_factory=lambda: [2, 2, 2], metadata={"help": "ResNet: basic blocks per stage."}
     )
 
 
@@ -63,6 +86,10 @@ class DataArguments:
     image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel stds (default: per data set)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded subset of this size."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
+    held_out_fraction: float = field(
+        default=0.1, metadata={"help": "Without an eval split (e.g. a flat image folder): the seeded, stratified "
+                               "fraction of train held out for evaluation."}
+    )
     random_crop_padding: int = field(default=0, metadata={"help": "Random-crop augmentation padding (pixels)."})
     horizontal_flip: bool = field(default=False, metadata={"help": "Random horizontal flips in training."})
 
@@ -82,14 +109,28 @@ class PreparedData:
         return image_processor_for(self.image_size, self.num_channels, self.mean, self.std)
 
 
+def load_splits(data_args: DataArguments, seed: int = 0) -> tuple[Any, Any]:
+    """(train, eval) splits; without an eval split, a seeded stratified `held_out_fraction` of train (logged)."""
+    splits = load_image_classification_dataset(
+        data_args.dataset_name, None, data_args.image_column, data_args.label_column
+    )
+    if data_args.train_split not in splits:
+        raise ValueError(f"`train_split`={data_args.train_split!r} is not a split of {data_args.dataset_name!r}; it "
+                         f"has {sorted(splits)}.")
+    train = splits[data_args.train_split]
+    if data_args.eval_split in splits:
+        return train, splits[data_args.eval_split]
+    check_fraction("held_out_fraction", data_args.held_out_fraction, low_inclusive=False)
+    parts = train.train_test_split(test_size=data_args.held_out_fraction, seed=seed, stratify_by_column="label")
+    logger.warning("%s has no %r split (splits: %s): evaluating on %d examples (%g) held out of %r with seed %d.",
+                   data_args.dataset_name, data_args.eval_split, sorted(splits), len(parts["test"]),
+                   data_args.held_out_fraction, data_args.train_split, seed)
+    return parts["train"], parts["test"]
+
+
 def prepare_data(data_args: DataArguments, seed: int = 0) -> PreparedData:
     """Load, subset and transform (`with_transform`) the training and evaluation splits."""
-    train = load_image_classification_dataset(
-        data_args.dataset_name, data_args.train_split, data_args.image_column, data_args.label_column
-    )
-    evaluation = load_image_classification_dataset(
-        data_args.dataset_name, data_args.eval_split, data_args.image_column, data_args.label_column
-    )
+    train, evaluation = load_splits(data_args, seed)
     if data_args.max_train_samples is not None:
         train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples is not None:
@@ -162,6 +203,36 @@ def build_sparse_vit(
     return SparseViTForImageClassification.from_vit(source, **overrides)
 
 
+def build_resnet(model_args: ModelArguments, data: PreparedData, seed: int) -> ResNetForImageClassification:
+    """transformers' own ResNet (basic blocks, its ImageNet stem: a 28x28 input is 7x7 after it), sized by
+    `resnet_hidden_sizes` / `resnet_depths`; every stage but the first halves the resolution."""
+    if len(model_args.resnet_hidden_sizes) != len(model_args.resnet_depths):
+        raise ValueError(
+            f"`resnet_hidden_sizes` {model_args.resnet_hidden_sizes} and `resnet_depths` {model_args.resnet_depths} "
+            "need one entry per stage."
+        )
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=data.num_channels,
+        embedding_size=model_args.resnet_hidden_sizes[0],
+        hidden_sizes=list(model_args.resnet_hidden_sizes),
+        depths=list(model_args.resnet_depths),
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        num_labels=len(data.label_names),
+        id2label=dict(enumerate(data.label_names)),
+        label2id={name: i for i, name in enumerate(data.label_names)},
+    )
+    return ResNetForImageClassification(config)
+
+
+def build_model(model_args: ModelArguments, data: PreparedData, seed: int, **sparse_vit_ratios):
+    """The `model_type` from scratch (or converted): a SparseViT or a ResNet."""
+    if model_args.model_type == "resnet":
+        return build_resnet(model_args, data, seed)
+    return build_sparse_vit(model_args, data, seed, **sparse_vit_ratios)
+
+
 def compute_accuracy(eval_prediction) -> dict[str, float]:
     logits, labels = eval_prediction.predictions, eval_prediction.label_ids
     logits = logits[0] if isinstance(logits, tuple) else logits
@@ -171,7 +242,8 @@ def compute_accuracy(eval_prediction) -> dict[str, float]:
 def training_fields(output_dir: str, epochs: float, batch_size: int, seed: int, evaluations: int = 0,
                     learning_rate: float = 1e-3) -> dict[str, Any]:
     """The `TrainingArguments` every experiment run shares (AdamW, cosine with 5 % warm-up, no checkpoints);
-    `evaluations` test-set evaluations spread over the run (0: none)."""
+    `evaluations` >= 2 test-set evaluations spread over the run, the last at its end (with 0 or 1 the caller
+    evaluates once, after training)."""
     fields: dict[str, Any] = dict(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -191,7 +263,7 @@ def training_fields(output_dir: str, epochs: float, batch_size: int, seed: int, 
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    if evaluations > 0:
+    if evaluations >= 2:  # a float eval_steps is a fraction of the run (1.0 would mean every step)
         fields.update(eval_strategy="steps", eval_steps=1.0 / evaluations)
     return fields
 
@@ -246,7 +318,7 @@ def _flag(key: str, value: Any) -> list[str]:
 
 def train_from_config(trainer_class, arguments_class, argv: list[str] | None = None, metrics=None):
     """What `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]` into `ModelArguments`, `DataArguments` and
-    `arguments_class`, build the data and a SparseViT, train (resuming if asked), evaluate, and save the model, its
+    `arguments_class`, build the data and the model (`model_type`), train (resuming if asked), evaluate, and save the model, its
     card, the metrics and the trainer state. `metrics(trainer)` adds to the evaluation metrics. Returns the trainer."""
     model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, arguments_class), argv)
     if not torch.cuda.is_available() and not training_args.use_cpu:
@@ -256,8 +328,9 @@ def train_from_config(trainer_class, arguments_class, argv: list[str] | None = N
     logging.getLogger("hf_sparse").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     data = prepare_data(data_args, seed=training_args.seed)
     # Tri-Level's final keep ratios become the model's own at construction (ToST's arguments have none).
-    model = build_sparse_vit(model_args, data, training_args.seed, getattr(training_args, "token_keep_ratio", None),
-                             getattr(training_args, "attention_keep_ratio", None))
+    model = build_model(model_args, data, training_args.seed,
+                        token_keep_ratio=getattr(training_args, "token_keep_ratio", None),
+                        attention_keep_ratio=getattr(training_args, "attention_keep_ratio", None))
     trainer = trainer_class(
         model=model,
         args=training_args,

@@ -36,6 +36,7 @@ def plot_kept_patches(model, data, path: str, num_images: int = 6) -> None:
     import matplotlib.pyplot as plt
 
     model.eval()
+    num_images = min(num_images, len(data.eval))
     batch = data.eval[:num_images]
     with torch.no_grad():
         outputs = model(pixel_values=batch["pixel_values"].to(model.device))

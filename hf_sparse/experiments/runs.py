@@ -32,10 +32,11 @@ def train_one(name: str, trainer_class, model, training_args, data) -> tuple[Run
     print(f"\n=== {name} ===", flush=True)
     trainer.train()
     train_seconds = clock.train_seconds()
+    if not clock.curve or clock.curve[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()  # the final model, once (the clock adds it to the curve)
     # The Tri-Level trainer counts what it trained; the dense run trains every example every epoch.
     images = getattr(trainer, "samples_seen", None) or round(training_args.num_train_epochs * len(data.train))
-    accuracy = clock.curve[-1]["accuracy"] if clock.curve else trainer.evaluate()["eval_accuracy"]
-    return RunResult(name, accuracy, train_seconds, images, clock.curve), trainer
+    return RunResult(name, clock.curve[-1]["accuracy"], train_seconds, images, clock.curve), trainer
 
 
 def format_table(results: list[RunResult]) -> str:

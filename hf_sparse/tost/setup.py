@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import ToSTTrainingArguments, default_rescaled_init_steps
 from .batches import default_loss_fn
@@ -116,8 +116,10 @@ def lottery_ticket(
     def train_round(snapshot_step: int | None = None) -> dict[str, torch.Tensor] | None:
         snapshot = _Snapshot(snapshot_step)
         round_args = round_arguments(args, round_steps, data_seed + rounds_trained[0], keep_columns)
-        Trainer(model=model, args=round_args, train_dataset=train_dataset, data_collator=data_collator,
-                callbacks=[MaskCallback(), snapshot]).train()
+        trainer = Trainer(model=model, args=round_args, train_dataset=train_dataset, data_collator=data_collator,
+                          callbacks=[MaskCallback(), snapshot])
+        trainer.remove_callback(PrinterCallback)  # the rounds are logged below, not as Trainer runs
+        trainer.train()
         rounds_trained[0] += 1
         return snapshot.state_dict
 

@@ -32,6 +32,9 @@ from .schedule import KeepRatioScheduleCallback
 
 logger = logging.getLogger(__name__)
 
+RESUME_HINT = ("`method` is `example_pruning`; `num_examples` the training set's size; `epoch_size` follows from "
+               "`example_inactive_fraction`; `seed` is `data_seed` (or `seed`).")
+
 
 class TriLevelTrainer(SparseTrainer):
     """A `Trainer` that trains on a pruned, refreshed subset of the examples and schedules token and attention
@@ -123,7 +126,13 @@ class TriLevelTrainer(SparseTrainer):
         values = super().set_initial_training_values(args, dataloader)
         self.example_pruner.plan_run(values[0])  # num_train_epochs
         if self._resume_pruning_from is not None:
-            self.example_pruner.load(self._resume_pruning_from)
+            try:
+                self.example_pruner.load(self._resume_pruning_from)
+            except ValueError as error:
+                raise ValueError(
+                    f"Cannot resume from {self._resume_pruning_from}: its example-pruning state does not fit this run "
+                    f"({error}). {RESUME_HINT} Resume with the arguments and data of the run that wrote it."
+                ) from error
         return values
 
     def _prepare_training(self, resume_from_checkpoint: str | None) -> None:

@@ -158,6 +158,11 @@ class SparseViTConfig(PreTrainedConfig):
                 _check_positive_int(name, item)
         if any(p > i for p, i in zip(_pair(self.patch_size), _pair(self.image_size))):
             raise ValueError(f"`patch_size` {self.patch_size} must not exceed `image_size` {self.image_size}.")
+        if any(i % p for p, i in zip(_pair(self.patch_size), _pair(self.image_size))):
+            raise ValueError(
+                f"`patch_size` {self.patch_size} must divide `image_size` {self.image_size}: the border pixels would "
+                "silently be dropped."
+            )
         from transformers.activations import ACT2FN
 
         if self.hidden_act not in ACT2FN:

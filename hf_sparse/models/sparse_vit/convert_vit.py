@@ -7,6 +7,7 @@ SparseViT key and every SparseViT key must be filled, with the same shape: anyth
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from transformers import PreTrainedConfig
 
 from .configuration_sparse_vit import SparseViTConfig
 
@@ -82,8 +85,20 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], source_prefix: str) 
     return converted
 
 
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """A misspelt override would otherwise be stored on the config and silently do nothing."""
+    allowed = set(inspect.signature(SparseViTConfig.__init__).parameters) - {"self", "kwargs"}
+    allowed |= set(inspect.signature(PreTrainedConfig.__init__).parameters) - {"self", "kwargs"}
+    allowed |= {"attn_implementation", "num_labels"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"Unknown SparseViT config override(s) {unknown}; SparseViTConfig fields are "
+                         f"{sorted(allowed)}.")
+
+
 def sparse_vit_config_from_source(source_config: dict[str, Any], **overrides: Any) -> SparseViTConfig:
     """A SparseViTConfig with the source's architecture fields and labels, plus the given overrides."""
+    _check_overrides(overrides)
     architectures = source_config.get("architectures") or []
     if "DeiTForImageClassificationWithTeacher" in architectures:
         raise ValueError(
@@ -109,15 +124,22 @@ def sparse_vit_config_from_source(source_config: dict[str, Any], **overrides: An
 
 
 def load_source_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, on-disk state dict) of a model object or a local checkpoint directory."""
+    """(config dict, on-disk state dict) of a model object, a local checkpoint directory or a Hub repo id (fetched
+    like `from_pretrained` does: the cache, `HF_ENDPOINT`, offline mode and tokens apply)."""
     if isinstance(source, (str, os.PathLike)):
+        if not os.path.isdir(source):
+            from huggingface_hub import snapshot_download
+
+            source = snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors", "*.json"])
         return _read_checkpoint_dir(str(source))
     if hasattr(source, "save_pretrained") and hasattr(source, "config"):
         # Saving gives the on-disk names, whatever this transformers version calls the modules in memory.
         with tempfile.TemporaryDirectory() as directory:
             source.save_pretrained(directory, safe_serialization=True)
             return _read_checkpoint_dir(directory)
-    raise TypeError(f"`source` must be a ViT/DeiT model or a local checkpoint directory, got {type(source).__name__}.")
+    raise TypeError(
+        f"`source` must be a ViT/DeiT model, a local checkpoint directory or a Hub id, got {type(source).__name__}."
+    )
 
 
 def _read_checkpoint_dir(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -556,11 +556,11 @@ class SparseViTForImageClassification(SparseViTPreTrainedModel):
 
     @classmethod
     def from_vit(cls, source, **config_overrides) -> "SparseViTForImageClassification":
-        """Convert an HF `ViTForImageClassification` or `DeiTForImageClassification` (a model object or a local
-        checkpoint directory) to SparseViT with the same weights.
+        """Convert an HF `ViTForImageClassification` or `DeiTForImageClassification` (a model object, a local
+        checkpoint directory or a Hub repo id) to SparseViT with the same weights.
 
         `config_overrides` set SparseViT fields (`token_keep_ratio`, `attention_keep_ratio`, `token_fusion`,
-        `token_pruning_layers`, ...) and `attn_implementation` ("eager" or "sdpa"). DeiT's distillation token becomes
+        `token_pruning_layers`, ...) and `attn_implementation` ("eager" or "sdpa"); an unknown name is an error. DeiT's distillation token becomes
         a second prefix token. `DeiTForImageClassificationWithTeacher` is refused: its two-head average has no
         SparseViT equivalent. Every parameter is checked: a missing, unexpected or mis-shaped key is an error.
         """
