@@ -65,3 +65,14 @@ def test_tost_two_ranks_hold_identical_masks_and_write_checkpoints_once(tmp_path
         assert len(list(checkpoint.glob("model*.safetensors"))) == 1
         assert len(list(checkpoint.glob("sparsity_masks*"))) == 1
 
+
+
+@pytest.mark.slow
+def test_tost_on_a_resnet_two_ranks_find_the_same_lottery_ticket(tmp_path):
+    first, second = launch_two_ranks("tost_resnet", tmp_path)
+    assert [first["world_size"], second["world_size"]] == [2, 2]
+    assert first["masks_identical_before_sync"] and second["masks_identical_before_sync"]
+    assert first["mask_checksums"] == second["mask_checksums"] and len(first["mask_checksums"]) == 5
+    assert abs(first["mask_sparsity"] - 0.8) <= 0.005 and first["pruned_nonzero"] == second["pruned_nonzero"] == 0
+    assert first["weights_checksum"] == pytest.approx(second["weights_checksum"], rel=1e-6)
+    assert first["global_step"] == 24 and first["ghost_removed_at_step"] == second["ghost_removed_at_step"] == 8

@@ -1,11 +1,13 @@
 """Tiny data and models for the trainer tests: an image-classification `datasets.Dataset` with an `Image` feature,
-used through `with_transform` as users do, and a SparseViT small enough to train in seconds on CPU."""
+used through `with_transform` as users do, and a SparseViT and a ResNet small enough to train in seconds on CPU."""
 
 from __future__ import annotations
 
 import datasets
 import numpy as np
 import torch
+
+from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_sparse import SparseViTConfig, SparseViTForImageClassification
 from hf_sparse.data import build_image_transforms
@@ -51,3 +53,12 @@ def tiny_sparse_vit(seed: int = 0, **overrides) -> SparseViTForImageClassificati
     fields.update(overrides)
     torch.manual_seed(seed)
     return SparseViTForImageClassification(SparseViTConfig(**fields))
+
+
+def tiny_resnet(seed: int = 0, **overrides) -> ResNetForImageClassification:
+    """transformers' ResNet, two stages of one basic block (8 and 16 channels): 5 prunable convolutions."""
+    fields = dict(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                  num_labels=4, downsample_in_first_stage=False)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return ResNetForImageClassification(ResNetConfig(**fields))

@@ -11,15 +11,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform  # noqa: E402
+from tri_level_helpers import tiny_image_dataset, tiny_resnet, tiny_sparse_vit, with_tiny_transform  # noqa: E402
 
 from hf_sparse import ToSTTrainer, ToSTTrainingArguments, TriLevelTrainer, TriLevelTrainingArguments  # noqa: E402
 
 
 def main(trainer_name: str, output_dir: str) -> None:
     data = with_tiny_transform(tiny_image_dataset(64), train=False)
-    if trainer_name == "tost":
-        return main_tost(data, output_dir)
+    if trainer_name in ("tost", "tost_resnet"):
+        return main_tost(data, output_dir, resnet=trainer_name == "tost_resnet")
     if trainer_name != "tri_level":
         raise SystemExit(f"unknown trainer {trainer_name}")
     args = TriLevelTrainingArguments(
@@ -49,16 +49,18 @@ def main(trainer_name: str, output_dir: str) -> None:
         json.dump(record, handle)
 
 
-def main_tost(data, output_dir: str) -> None:
+def main_tost(data, output_dir: str, resnet: bool = False) -> None:
     from hf_sparse.tost import get_masks
 
+    # The ResNet finds a lottery ticket: its IMP rounds are Trainer runs of their own, under DDP as well.
+    mask = dict(mask_method="lottery_ticket", lottery_ticket_round_fraction=0.25) if resnet else dict(
+        mask_method="snip", mask_batches=2)
     args = ToSTTrainingArguments(
         output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=4, learning_rate=1e-2,
         lr_scheduler_type="constant", save_strategy="steps", save_steps=8, logging_steps=1, report_to=[], seed=0,
-        disable_tqdm=True, use_cpu=True,
-        mask_method="snip", sparsity=0.8, mask_batches=2, rescaled_init_steps=2, ghost_end_fraction=0.3,
+        disable_tqdm=True, use_cpu=True, sparsity=0.8, rescaled_init_steps=2, ghost_end_fraction=0.3, **mask,
     )
-    trainer = ToSTTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
+    trainer = ToSTTrainer(model=tiny_resnet() if resnet else tiny_sparse_vit(), args=args, train_dataset=data)
     trainer.train()
     masks = get_masks(trainer.model)
     modules = dict(trainer.model.named_modules())
