@@ -26,16 +26,17 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    "recipe,config,state_file",
+    "recipe,config,state_file,model_type",
     [
-        ("tri_level.py", "tri_level_fashion_mnist.yaml", "example_pruning.safetensors"),
-        ("tost.py", "tost_fashion_mnist.yaml", "sparsity_masks.safetensors"),
+        ("tri_level.py", "tri_level_fashion_mnist.yaml", "example_pruning.safetensors", "sparse_vit"),
+        ("tost.py", "tost_fashion_mnist.yaml", "sparsity_masks.safetensors", "sparse_vit"),
+        ("tost.py", "tost_resnet_fashion_mnist.yaml", "sparsity_masks.safetensors", "resnet"),
     ],
 )
-def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, config, state_file):
+def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, config, state_file, model_type):
     output = tmp_path / "run"
     command = [sys.executable, str(ROOT / "recipes" / recipe), str(ROOT / "recipes" / "configs" / config),
-               *SMALL, "--output_dir", str(output)]
+               *SMALL, "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(output)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -44,7 +45,11 @@ def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, confi
     assert (output / "model.safetensors").exists() and (output / state_file).exists()
     assert (output / "README.md").exists() and (output / "preprocessor_config.json").exists()
     saved = json.loads((output / "config.json").read_text())
-    assert saved["hidden_size"] == 32 and saved["model_type"] == "sparse_vit"  # the overrides won over the YAML
+    assert saved["model_type"] == model_type
+    if model_type == "resnet":
+        assert saved["hidden_sizes"] == [8, 16] and "auto_map" not in saved  # a plain transformers checkpoint
+    else:
+        assert saved["hidden_size"] == 32  # the overrides won over the YAML
 
 
 def test_bench_tost_writes_vanilla_and_recipe_rows(tmp_path, capsys):

@@ -1,121 +1,227 @@
-"""`hf-sparse bench e2e`: end-to-end training time and accuracy of each level of Tri-Level E-ViT, alone and
-together, and of InfoBatch-style data pruning, against a dense HF ViT trained side by side (same initial weights,
-epochs, hyper-parameters and seed) on Fashion-MNIST.
+"""`hf-sparse bench e2e`: does Tri-Level reach the accuracy dense training would, sooner? Measured the way a careful
+reader trusts (`../shared/experiments.md`): for every seed, a dense ViT, then each Tri-Level variant followed by a
+dense run budget-matched to that variant's measured wall-clock (its own cosine schedule fully decayed), all from the
+seed's initial weights; time to dense accuracy read off each run's evaluations; medians and per-seed values.
 
-Runs are sequential (one training at a time on the machine), so a noisy neighbour can shift one run: repeat with
-`--repeats` to get medians.
+Two regimes (`--regime`, a preset that fills what is not given on the command line):
+  * short: full Fashion-MNIST, 2 epochs, the demo's ViT (hidden 128 x 6 layers, patch 4): far from converged;
+  * converged: a 10,000-example subset, 30 epochs, a smaller ViT (hidden 64 x 4 layers): dense gains under half a
+    point over its last fifth, the regime of the papers' 300 epochs, reachable on 2 CPU cores.
+
+Runs are sequential and interleaved (dense, variant, its budget-matched dense, next variant ...) so a slow spell hits
+every arm; results go to `<output_dir>/bench_e2e.json` after every seed, with `accuracy_vs_wall_clock.png` (the
+Pareto picture: dense at several budgets, Tri-Level at several settings) beside it. Wall-clock excludes evaluation
+and includes everything Tri-Level adds (statistics, refreshes, token scores).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from .common import DataArguments, ModelArguments, prepare_data, training_fields
+from .plots import plot_pareto
+from .runs import (
+    TOLERANCE,
+    RunResult,
+    Variant,
+    budget_matched_steps,
+    median,
+    spread,
+    time_to_accuracy,
+    train_dense,
+    train_tri_level,
+)
 
-from ..tri_level import TriLevelTrainer, TriLevelTrainingArguments
-from .common import DataArguments, ModelArguments, build_dense_vit, build_sparse_vit, prepare_data, training_fields
-from .plots import plot_accuracy_against_time
-from .runs import RunResult, format_table, train_one
+VARIANTS: dict[str, Variant] = {
+    "tri_level": Variant("Tri-Level: forgetting 0.2 + tokens 0.7 + attention 0.5", "forgetting", 0.7, 0.5),
+    "tri_level_no_attention": Variant("Tri-Level: forgetting 0.2 + tokens 0.7", "forgetting", 0.7),
+    "tokens_0.7": Variant("tokens 0.7", "none", 0.7),
+    "tokens_0.5": Variant("tokens 0.5", "none", 0.5),
+    "tokens_0.7_fusion": Variant("tokens 0.7, fused (EViT)", "none", 0.7, token_fusion=True),
+    "tokens_0.5_fusion": Variant("tokens 0.5, fused (EViT)", "none", 0.5, token_fusion=True),
+    "attention_0.5": Variant("attention 0.5", "none", 1.0, 0.5),
+    "data_forgetting": Variant("data: forgetting 0.2", "forgetting"),
+    "data_random": Variant("data: random subsets 0.2 (control)", "random"),
+    "data_infobatch": Variant("data: InfoBatch-like 0.3 (fixed epoch size)", "infobatch", inactive_fraction=0.3),
+    "infobatch_tokens_0.7": Variant("InfoBatch-like 0.3 + tokens 0.7", "infobatch", 0.7, inactive_fraction=0.3),
+    "forgetting_tokens_0.5": Variant("Tri-Level: forgetting 0.2 + tokens 0.5", "forgetting", 0.5),
+}
+DEFAULT_VARIANTS = ("tri_level", "tri_level_no_attention", "tokens_0.7")
 
-
-@dataclass
-class E2EVariant:
-    name: str
-    example_pruning: str | None  # None: the dense HF ViT with the plain Trainer
-    token_keep_ratio: float = 1.0
-    attention_keep_ratio: float = 1.0
-    inactive_fraction: float | None = None
-
-
-VARIANTS = {
-    "dense": E2EVariant("dense ViT", None),
-    "tri_level": E2EVariant("Tri-Level (all three)", "forgetting", 0.7, 0.5),
-    "tri_level_no_attention": E2EVariant("Tri-Level (data+tokens)", "forgetting", 0.7, 1.0),
-    "data_only": E2EVariant("data: forgetting", "forgetting"),
-    "tokens_only": E2EVariant("tokens 0.7", "none", 0.7),
-    "attention_only": E2EVariant("attention 0.5", "none", 1.0, 0.5),
-    "infobatch": E2EVariant("data: InfoBatch", "infobatch", inactive_fraction=0.3),
-    "infobatch_tokens": E2EVariant("InfoBatch+tokens", "infobatch", 0.7, 1.0, inactive_fraction=0.3),
+REGIMES: dict[str, dict[str, Any]] = {
+    "short": dict(epochs=2.0, max_train_samples=None, model={}),
+    "converged": dict(epochs=30.0, max_train_samples=10_000,
+                      model=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4)),
 }
 
 
 @dataclass
 class E2EArguments:
     output_dir: str = field(default="outputs/bench_e2e", metadata={"help": "Where runs, table and plot go."})
-    variants: list[str] = field(
-        default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run.", "choices": list(VARIANTS)}
+    regime: str = field(default="short", metadata={"help": "Preset of data, epochs and model (see above).",
+                                                   "choices": list(REGIMES)})
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS),
+                                metadata={"help": "Tri-Level variants (the dense run is always first).",
+                                          "choices": list(VARIANTS)})
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={"help": "Seeds (initial weights, "
+                             "data order); every arm of a seed starts from the same weights."})
+    budget_matched: bool = field(default=True, metadata={"help": "Train a budget-matched dense run per variant."})
+    epochs: float | None = field(default=None, metadata={"help": "Training epochs (default: the regime's)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Training subset (default: the regime's; 0: the whole training set)."}
     )
-    repeats: int = field(default=1, metadata={"help": "Runs of each variant (interleaved), for medians."})
-    epochs: float = field(default=2.0, metadata={"help": "Training epochs of each run."})
-    batch_size: int = field(default=128, metadata={"help": "Training batch size."})
-    evaluations: int = field(default=2, metadata={"help": "Test-set evaluations per run (for the curve)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded subset."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
-    seed: int = field(default=42, metadata={"help": "Initial weights and data order."})
+    batch_size: int = field(default=128, metadata={"help": "Training batch size."})
+    evaluations: int = field(default=8, metadata={"help": "Test-set evaluations per run (curves, time to accuracy)."})
+    data_seed: int = field(default=42, metadata={"help": "Picks the training subset."})
     json: str | None = field(default=None, metadata={"help": "Results file (default <output_dir>/bench_e2e.json)."})
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"`seeds` must be distinct integers, got {self.seeds}.")
+        preset = REGIMES[self.regime]
+        self.epochs = preset["epochs"] if self.epochs is None else self.epochs
+        if self.max_train_samples is None:
+            self.max_train_samples = preset["max_train_samples"]
+        self.max_train_samples = self.max_train_samples or None
 
 
 ARGUMENTS = (E2EArguments, ModelArguments)
 
 
-def run_variant(key: str, args: E2EArguments, data, model_args: ModelArguments) -> RunResult:
-    variant = VARIANTS[key]
-    dense_model = build_dense_vit(model_args, data, args.seed)
-    common = training_fields(os.path.join(args.output_dir, key), args.epochs, args.batch_size, args.seed,
+def with_regime_model(args: E2EArguments, model_args: ModelArguments) -> ModelArguments:
+    """The regime's model fields where the command line left `ModelArguments`' defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.default is not dataclasses.MISSING}
+    preset = {name: value for name, value in REGIMES[args.regime]["model"].items()
+              if getattr(model_args, name) == defaults[name]}
+    return dataclasses.replace(model_args, **preset)
+
+
+def run_seed(args: E2EArguments, model_args: ModelArguments, data, seed: int) -> dict[str, Any]:
+    """Every arm of one seed: {"dense": RunResult, variant: {"run": RunResult, "budget_matched": RunResult}}."""
+    fields = training_fields(os.path.join(args.output_dir, f"seed{seed}"), args.epochs, args.batch_size, seed,
                              args.evaluations)
-    if variant.example_pruning is None:
-        return train_one(variant.name, Trainer, dense_model, TrainingArguments(**common), data)[0]
-    model = build_sparse_vit(
-        model_args, data, args.seed, variant.token_keep_ratio, variant.attention_keep_ratio, from_dense=dense_model
-    )
-    training_args = TriLevelTrainingArguments(
-        **common, example_pruning=variant.example_pruning, example_inactive_fraction=variant.inactive_fraction
-    )
-    return train_one(variant.name, TriLevelTrainer, model, training_args, data)[0]
+    fields.update(disable_tqdm=True, logging_steps=100)
+    runs: dict[str, Any] = {"dense": train_dense(data, model_args, seed, fields, name="dense")}
+    for key in args.variants:
+        tri, _ = train_tri_level(data, model_args, seed, fields, VARIANTS[key], name=key)
+        runs[key] = {"run": tri}
+        if args.budget_matched:
+            steps = budget_matched_steps(runs["dense"], tri.train_seconds)
+            runs[key]["budget_matched"] = train_dense(data, model_args, seed, fields, name=f"dense_matched_{key}",
+                                                      max_steps=steps, role="dense_budget_matched")
+    return runs
 
 
-def main(args: E2EArguments, model_args: ModelArguments) -> list[dict]:
-    keys = ["dense"] + [k for k in args.variants if k != "dense"]  # ratios are against the dense run
-    os.makedirs(args.output_dir, exist_ok=True)
-    data = prepare_data(
-        DataArguments(max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples), seed=args.seed
-    )
-    runs: dict[str, list[RunResult]] = {key: [] for key in keys}
-    for _ in range(args.repeats):
-        for key in keys:  # interleaved across repeats
-            runs[key].append(run_variant(key, args, data, model_args))
-    medians = [
-        RunResult(
-            name=results[0].name,
-            accuracy=statistics.median(r.accuracy for r in results),
-            train_seconds=statistics.median(r.train_seconds for r in results),
-            images_trained=results[0].images_trained,
-            curve=results[0].curve,
-        )
-        for results in runs.values()
-    ]
-    print(f"\nFashion-MNIST, {args.epochs} epochs, median of {args.repeats} run(s) each:")
-    print(format_table(medians))
-    plot_accuracy_against_time(medians, os.path.join(args.output_dir, "accuracy_vs_wall_clock.png"),
-                               f"{data.name}: dense vs Tri-Level variants")
-    dense = medians[0]
-    rows = [
-        {
-            "variant": key,
-            "name": result.name,
-            "test_accuracy": result.accuracy,
-            "train_seconds": result.train_seconds,
-            "images_trained": result.images_trained,
-            "time_saved": 1.0 - result.train_seconds / dense.train_seconds,
-            "accuracy_delta_points": 100 * (result.accuracy - dense.accuracy),
-            "runs": [r.__dict__ for r in runs[key]],
+def summarize(args: E2EArguments, per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant (dense first): medians and per-seed values of accuracy, wall-clock, images, time saved,
+    the budget-matched dense accuracy, the deltas against both dense runs and the time to dense accuracy."""
+    seeds = sorted(per_seed)
+    dense = {seed: per_seed[seed]["dense"] for seed in seeds}
+    target = {seed: dense[seed].accuracy - TOLERANCE for seed in seeds}
+    rows = []
+    for key in ["dense", *args.variants]:
+        runs = {seed: dense[seed] if key == "dense" else per_seed[seed][key]["run"] for seed in seeds}
+        matched = {seed: dense[seed] if key == "dense" else per_seed[seed][key].get("budget_matched") for seed in seeds}
+        values = {
+            "test_accuracy": [runs[s].accuracy for s in seeds],
+            "train_seconds": [runs[s].train_seconds for s in seeds],
+            "images_trained": [runs[s].images_trained for s in seeds],
+            "optimizer_steps": [runs[s].steps for s in seeds],
+            "time_saved": [1.0 - runs[s].train_seconds / dense[s].train_seconds for s in seeds],
+            "delta_vs_dense_points": [100 * (runs[s].accuracy - dense[s].accuracy) for s in seeds],
+            "time_to_dense_accuracy_s": [time_to_accuracy(runs[s].curve, target[s]) for s in seeds],
+            "budget_matched_dense_accuracy": [matched[s].accuracy if matched[s] else None for s in seeds],
+            "budget_matched_dense_seconds": [matched[s].train_seconds if matched[s] else None for s in seeds],
+            "delta_vs_budget_matched_points": [
+                100 * (runs[s].accuracy - matched[s].accuracy) if matched[s] else None for s in seeds],
         }
-        for key, result in zip(keys, medians)
-    ]
-    path = args.json or os.path.join(args.output_dir, "bench_e2e.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"arguments": {**asdict(args), **asdict(model_args)}, "rows": rows}, handle, indent=2)
+        row = {"variant": key, "label": "dense ViT" if key == "dense" else VARIANTS[key].label, "seeds": seeds}
+        for name, per in values.items():
+            row[name] = median(per)
+            row[f"{name}_per_seed"] = per
+            row[f"{name}_spread"] = spread(per)
+        row["time_to_dense_accuracy_fraction"] = (
+            None if row["time_to_dense_accuracy_s"] is None
+            else row["time_to_dense_accuracy_s"] / median([dense[s].train_seconds for s in seeds]))
+        rows.append(row)
     return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(row, name, scale=1.0, digits=2, sign=False):
+        value, (low, high) = row[name], row[f"{name}_spread"]
+        if value is None:
+            return "never" if name.startswith("time_to") else "-"
+        text = f"{scale * value:+.{digits}f}" if sign else f"{scale * value:.{digits}f}"
+        return text + (f" [{scale * low:.{digits}f},{scale * high:.{digits}f}]" if low is not None and low != high else "")
+
+    lines = [f"{'variant':<26} {'test acc %':>20} {'train s':>18} {'saved %':>7} {'vs dense':>20} "
+             f"{'matched dense %':>20} {'vs matched':>20} {'to dense acc s':>20}"]
+    for row in rows:
+        lines.append(
+            f"{row['variant']:<26} {cell(row, 'test_accuracy', 100):>20} {cell(row, 'train_seconds', 1, 1):>18} "
+            f"{100 * row['time_saved']:>7.1f} {cell(row, 'delta_vs_dense_points', sign=True):>20} "
+            f"{cell(row, 'budget_matched_dense_accuracy', 100):>20} "
+            f"{cell(row, 'delta_vs_budget_matched_points', sign=True):>20} {cell(row, 'time_to_dense_accuracy_s', 1, 1):>20}"
+        )
+    lines.append("(medians over seeds, [min,max] across seeds; deltas in points, paired by seed; 'to dense acc': "
+                 f"wall-clock at which the run's evaluations first reach the dense run's final accuracy - "
+                 f"{100 * TOLERANCE:.1f})")
+    return "\n".join(lines)
+
+
+def pareto_points(rows: list[dict[str, Any]], per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median (seconds, accuracy) of every run kind: dense at each budget, and every Tri-Level variant."""
+    points = [{"kind": "dense", "label": "dense (full)", "seconds": rows[0]["train_seconds"],
+               "accuracy": rows[0]["test_accuracy"]}]
+    for row in rows[1:]:
+        points.append({"kind": "tri_level", "label": row["variant"], "seconds": row["train_seconds"],
+                       "accuracy": row["test_accuracy"]})
+        if row["budget_matched_dense_accuracy"] is not None:
+            points.append({"kind": "dense", "label": f"dense, budget of {row['variant']}",
+                           "seconds": row["budget_matched_dense_seconds"],
+                           "accuracy": row["budget_matched_dense_accuracy"]})
+    return points
+
+
+def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]:
+    model_args = with_regime_model(args, model_args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    data = prepare_data(DataArguments(max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples),
+                        seed=args.data_seed)
+    path = args.json or os.path.join(args.output_dir, "bench_e2e.json")
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in args.seeds:
+        per_seed[seed] = run_seed(args, model_args, data, seed)
+        rows = summarize(args, per_seed)
+        dense_steps = [per_seed[s]["dense"].steps / per_seed[s]["dense"].train_seconds for s in per_seed]
+        result = {
+            "arguments": asdict(args), "model": asdict(model_args), "training_images": len(data.train),
+            "calibration": {"dense_steps_per_second": median(dense_steps),
+                            "dense_steps_per_second_per_seed": dense_steps, "batch_size": args.batch_size},
+            "rows": rows, "pareto": pareto_points(rows, per_seed),
+            "runs": {str(s): _runs_json(per_seed[s]) for s in per_seed},
+        }
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    title = (f"{data.name}, {args.regime} regime ({len(data.train)} images, {args.epochs:g} epochs), "
+             f"median of {len(args.seeds)} seeds")
+    plot_pareto(result["pareto"], os.path.join(args.output_dir, "accuracy_vs_wall_clock.png"), title)
+    print(f"\n{title}; dense: {result['calibration']['dense_steps_per_second']:.2f} steps/s at batch "
+          f"{args.batch_size}")
+    print(format_table(rows))
+    print(f"\nResults: {path}")
+    return rows
+
+
+def _runs_json(runs: dict[str, Any]) -> dict[str, Any]:
+    def one(run: RunResult | None):
+        return None if run is None else dataclasses.asdict(run)
+
+    return {key: one(value) if isinstance(value, RunResult) else {k: one(v) for k, v in value.items()}
+            for key, value in runs.items()}

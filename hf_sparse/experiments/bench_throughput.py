@@ -103,7 +103,12 @@ def run_throughput(
     attn_implementation: str = "sdpa",
     device: str | None = None,
     autocast_dtype: str | None = None,
+    max_rounds: int | None = None,
+    target_spread: float = 0.05,
 ) -> dict:
+    """Round after round (every variant once per round, in turn), each variant's speed-up over HF ViT in that round;
+    at least `rounds`, then more until every ratio's relative spread (interquartile range over median) is under
+    `target_spread`, or `max_rounds` (default 4 x rounds)."""
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast_dtype]
     vit_config = deit_tiny_geometry(image_size, patch_size, num_channels, num_labels=10)
@@ -118,7 +123,10 @@ def run_throughput(
 
     train_times: dict[str, list[float]] = {name: [] for name in models}
     infer_times: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in tqdm(range(warmup + rounds), desc="throughput rounds"):
+    max_rounds = max(rounds, max_rounds or 4 * rounds)
+    progress = tqdm(desc="throughput rounds", total=warmup + rounds)
+    round_index = 0
+    while True:
         for name, model in models.items():
             model.train()
             step = time_training_step(model, optimizers[name], pixel_values, labels, dtype)
@@ -127,10 +135,18 @@ def run_throughput(
             if round_index >= warmup:
                 train_times[name].append(step)
                 infer_times[name].append(infer)
+        round_index += 1
+        progress.update()
+        measured = round_index - warmup
+        if measured >= rounds:
+            worst = max(relative_spread(per_round_ratios(times, name)) for times in (train_times, infer_times)
+                        for name in models)
+            if worst < target_spread or measured >= max_rounds:
+                break
+            progress.total += 1
+    progress.close()
 
     sparse_config = models["sparse_vit_off"].config
-    base_train = batch_size / statistics.median(train_times["hf_vit"])
-    base_infer = batch_size / statistics.median(infer_times["hf_vit"])
     dense_train_flops = training_flops(sparse_config)
     dense_forward_flops = forward_flops(sparse_config)
     rows = []
@@ -138,14 +154,20 @@ def run_throughput(
         token, attention = variant.token_keep_ratio or 1.0, variant.attention_keep_ratio
         train_ips = batch_size / statistics.median(train_times[variant.name])
         infer_ips = batch_size / statistics.median(infer_times[variant.name])
+        train_ratios = per_round_ratios(train_times, variant.name)
+        infer_ratios = per_round_ratios(infer_times, variant.name)
         rows.append(
             {
                 "variant": variant.name,
                 "train_images_per_s": train_ips,
-                "train_ratio": train_ips / base_train,
+                "train_ratio": statistics.median(train_ratios),
+                "train_ratio_spread": relative_spread(train_ratios),
+                "train_ratios_per_round": train_ratios,
                 "train_flops_ratio": dense_train_flops / training_flops(sparse_config, token, attention),
                 "inference_images_per_s": infer_ips,
-                "inference_ratio": infer_ips / base_infer,
+                "inference_ratio": statistics.median(infer_ratios),
+                "inference_ratio_spread": relative_spread(infer_ratios),
+                "inference_ratios_per_round": infer_ratios,
                 "inference_flops_ratio": dense_forward_flops / forward_flops(sparse_config, token, attention),
             }
         )
@@ -154,7 +176,8 @@ def run_throughput(
         "torch_threads": torch.get_num_threads(),
         "geometry": {"image_size": image_size, "patch_size": patch_size, "tokens": sparse_config.num_patches + 1},
         "batch_size": batch_size,
-        "rounds": rounds,
+        "rounds": len(train_times["hf_vit"]),
+        "target_spread": target_spread,
         "attn_implementation": attn_implementation,
         "autocast": autocast_dtype or "none",
         "rows": rows,
@@ -162,20 +185,36 @@ def run_throughput(
     }
 
 
+def per_round_ratios(times: dict[str, list[float]], name: str) -> list[float]:
+    """Speed-up over HF ViT in each round (HF ViT's time over the variant's, measured side by side)."""
+    return [reference / own for reference, own in zip(times["hf_vit"], times[name])]
+
+
+def relative_spread(values: list[float]) -> float:
+    """Interquartile range over the median (0 for fewer than 2 values)."""
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return (quartiles[2] - quartiles[0]) / statistics.median(values)
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"device={result['device']} threads={result['torch_threads']} tokens={result['geometry']['tokens']} "
         f"batch={result['batch_size']} rounds={result['rounds']} attention={result['attn_implementation']} "
         f"autocast={result['autocast']}",
-        f"{'variant':<20} {'train img/s':>11} {'x HF ViT':>9} {'FLOPs x':>8} {'infer img/s':>12} {'x HF ViT':>9} {'FLOPs x':>8}",
+        f"{'variant':<20} {'train img/s':>11} {'x HF ViT':>9} {'spread':>7} {'FLOPs x':>8} {'infer img/s':>12} "
+        f"{'x HF ViT':>9} {'spread':>7} {'FLOPs x':>8}",
     ]
     for row in result["rows"]:
         lines.append(
             f"{row['variant']:<20} {row['train_images_per_s']:>11.1f} {row['train_ratio']:>9.3f} "
-            f"{row['train_flops_ratio']:>8.3f} {row['inference_images_per_s']:>12.1f} {row['inference_ratio']:>9.3f} "
-            f"{row['inference_flops_ratio']:>8.3f}"
+            f"{100 * row['train_ratio_spread']:>6.1f}% {row['train_flops_ratio']:>8.3f} "
+            f"{row['inference_images_per_s']:>12.1f} {row['inference_ratio']:>9.3f} "
+            f"{100 * row['inference_ratio_spread']:>6.1f}% {row['inference_flops_ratio']:>8.3f}"
         )
-    lines.append("(ratios: median images/s over HF ViT's; FLOPs x: the ideal speed-up from arithmetic alone, counting")
+    lines.append("(x HF ViT: median over rounds of the speed-up measured side by side in each round; spread: its")
+    lines.append(" interquartile range over the median; FLOPs x: the ideal speed-up from arithmetic alone, counting")
     lines.append(" masked attention connections as skipped, which fused SDPA with a boolean mask does not do)")
     return "\n".join(lines)
 
@@ -186,7 +225,10 @@ class ThroughputArguments:
     patch_size: int = field(default=2, metadata={"help": "Patch size."})
     num_channels: int = field(default=1, metadata={"help": "Input channels."})
     batch_size: int = field(default=32, metadata={"help": "Images per step."})
-    rounds: int = field(default=5, metadata={"help": "Measured rounds (each times every variant once)."})
+    rounds: int = field(default=7, metadata={"help": "Measured rounds at least (each times every variant once)."})
+    max_rounds: int | None = field(default=None, metadata={"help": "Rounds at most (default 4 x rounds)."})
+    target_spread: float = field(default=0.05, metadata={"help": "Keep measuring until every ratio's spread "
+                                 "(interquartile range over median) is under this."})
     warmup: int = field(default=1, metadata={"help": "Unmeasured rounds first."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel.", "choices": ["sdpa", "eager"]})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
@@ -208,6 +250,8 @@ def main(args: ThroughputArguments) -> dict:
         attn_implementation=args.attn_implementation,
         device=args.device,
         autocast_dtype=args.autocast,
+        max_rounds=args.max_rounds,
+        target_spread=args.target_spread,
     )
     print(format_table(result))
     if args.json:

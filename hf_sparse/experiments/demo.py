@@ -1,7 +1,10 @@
-"""`hf-sparse demo`: the main job. Trains a dense ViT and a Tri-Level SparseViT from the same initial weights on
-Fashion-MNIST with the same epochs and hyper-parameters, then prints a table (test accuracy, training wall-clock,
-images trained, time saved) and writes two plots: test accuracy against wall-clock, and the patches the Tri-Level
-model kept on a few test images.
+"""`hf-sparse demo`: the main job. From the same initial weights on Fashion-MNIST, trains
+  1. a dense ViT (transformers' own) for the given epochs,
+  2. a Tri-Level SparseViT for the same epochs, and
+  3. a dense ViT budget-matched to the Tri-Level run's wall-clock (its own cosine schedule fully decayed),
+then prints a table (test accuracy, training wall-clock, images trained, time saved, the delta against both dense
+runs) and writes `results.json` (each run with its `role`), a plot of test accuracy against wall-clock for the three,
+and the patches the Tri-Level model kept on a few test images. One seed: `hf-sparse bench e2e` gives medians.
 """
 
 from __future__ import annotations
@@ -10,13 +13,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from transformers import Trainer, TrainingArguments
-
 from ..hub import save_for_hub
-from ..tri_level import TriLevelTrainer, TriLevelTrainingArguments
-from .common import DataArguments, ModelArguments, build_dense_vit, build_sparse_vit, prepare_data, training_fields
-from .plots import plot_accuracy_against_time, plot_kept_patches
-from .runs import RunResult, format_table, train_one
+from .common import DataArguments, ModelArguments, prepare_data, training_fields
+from .plots import kept_patches_on_object, plot_accuracy_against_time, plot_kept_patches
+from .runs import RunResult, Variant, budget_matched_steps, train_dense, train_tri_level
 
 
 @dataclass
@@ -44,6 +44,20 @@ class DemoArguments:
 ARGUMENTS = (DemoArguments, ModelArguments)
 
 
+def format_table(results: list[RunResult]) -> str:
+    dense, matched = results[0], results[1]
+    lines = [f"{'run':<34} {'test acc %':>10} {'train s':>8} {'images':>9} {'time saved':>10} {'vs dense':>9} "
+             f"{'vs matched':>10}"]
+    for result in results:
+        saved = 100 * (1.0 - result.train_seconds / dense.train_seconds)
+        lines.append(
+            f"{result.name:<34} {100 * result.accuracy:>10.2f} {result.train_seconds:>8.1f} {result.images_trained:>9d} "
+            f"{saved:>9.1f}% {100 * (result.accuracy - dense.accuracy):>+9.2f} "
+            f"{100 * (result.accuracy - matched.accuracy):>+10.2f}"
+        )
+    return "\n".join(lines)
+
+
 def main(args: DemoArguments, model_args: ModelArguments) -> list[RunResult]:
     os.makedirs(args.output_dir, exist_ok=True)
     data = prepare_data(
@@ -51,37 +65,32 @@ def main(args: DemoArguments, model_args: ModelArguments) -> list[RunResult]:
                       max_eval_samples=args.max_eval_samples),
         seed=args.seed,
     )
-    dense_model = build_dense_vit(model_args, data, args.seed)
-    # Same initial weights for both runs: SparseViT is converted from the untrained dense model.
-    sparse_model = build_sparse_vit(
-        model_args, data, args.seed, args.token_keep_ratio, args.attention_keep_ratio, from_dense=dense_model
-    )
-    common = training_fields(args.output_dir, args.epochs, args.batch_size, args.seed, args.evaluations)
+    fields = training_fields(args.output_dir, args.epochs, args.batch_size, args.seed, args.evaluations)
+    variant = Variant("Tri-Level SparseViT", args.example_pruning, args.token_keep_ratio, args.attention_keep_ratio,
+                      args.example_inactive_fraction)
 
-    dense_args = TrainingArguments(**{**common, "output_dir": os.path.join(args.output_dir, "dense")})
-    dense, _ = train_one("dense ViT", Trainer, dense_model, dense_args, data)
-
-    tri_args = TriLevelTrainingArguments(
-        **{**common, "output_dir": os.path.join(args.output_dir, "tri_level")},
-        example_pruning=args.example_pruning,
-        example_inactive_fraction=args.example_inactive_fraction,
-    )
-    tri, tri_trainer = train_one("Tri-Level SparseViT", TriLevelTrainer, sparse_model, tri_args, data)
-    results = [dense, tri]
+    dense = train_dense(data, model_args, args.seed, fields, name="dense ViT")
+    tri, tri_trainer = train_tri_level(data, model_args, args.seed, fields, variant)
+    matched = train_dense(data, model_args, args.seed, fields, name="dense ViT, budget-matched",
+                          max_steps=budget_matched_steps(dense, tri.train_seconds), role="dense_budget_matched")
+    results = [dense, matched, tri]
 
     print("\n" + format_table(results))
-    title = f"{data.name}: dense ViT vs Tri-Level SparseViT"
+    title = f"{data.name}: dense ViT vs Tri-Level SparseViT (seed {args.seed})"
     plot_accuracy_against_time(results, os.path.join(args.output_dir, "accuracy_vs_wall_clock.png"), title,
                                num_classes=len(data.label_names))
     plot_kept_patches(tri_trainer.model, data, os.path.join(args.output_dir, "kept_patches.png"))
+    on_object = kept_patches_on_object(tri_trainer.model, data)
+    print("patches on the object: " + ", ".join(f"{name} {100 * value:.0f} %" for name, value in on_object.items()))
     final = os.path.join(args.output_dir, "tri_level", "final")
     report = tri_trainer.training_report(dataset=data.name, dense_train_seconds=dense.train_seconds)
     report.train_seconds = tri.train_seconds
     save_for_hub(tri_trainer.model, final, report=report, image_processor=data.image_processor())
     tri_trainer.save_method_state(final)
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"runs": [r.__dict__ for r in results], "arguments": {**asdict(args), **asdict(model_args)}},
-                  handle, indent=2)
+        json.dump({"runs": [asdict(r) for r in results], "arguments": {**asdict(args), **asdict(model_args)},
+                   "dense_steps_per_second": dense.steps / dense.train_seconds,
+                   "kept_patches_on_object": on_object}, handle, indent=2)
     print(f"\nWrote {args.output_dir}/results.json, accuracy_vs_wall_clock.png, kept_patches.png and the Tri-Level "
           f"model in {final}")
     return results

@@ -67,3 +67,49 @@ def plot_kept_patches(model, data, path: str, num_images: int = 6) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_pareto(points: list[dict], path: str, title: str) -> None:
+    """Accuracy against training wall-clock: dense runs at several budgets joined as the dense frontier, every
+    Tri-Level setting as a labelled point (up and to the left of the line is better than dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    dense = sorted((p for p in points if p["kind"] == "dense"), key=lambda p: p["seconds"])
+    axis.plot([p["seconds"] for p in dense], [100 * p["accuracy"] for p in dense], "o-", color="0.4",
+              label="dense ViT at several budgets")
+    for point in (p for p in points if p["kind"] != "dense"):
+        axis.plot(point["seconds"], 100 * point["accuracy"], "s", markersize=7)
+        axis.annotate(point["label"], (point["seconds"], 100 * point["accuracy"]), textcoords="offset points",
+                      xytext=(5, 4), fontsize=7)
+    axis.set_xlabel("training wall-clock (s, evaluation excluded)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+@torch.no_grad()
+def kept_patches_on_object(model, data, num_images: int = 512, threshold: float = 0.1) -> dict[str, float]:
+    """How well token pruning finds the object: the fraction of all patches that lie on it (mean brightness, in
+    [0, 1], above `threshold`; Fashion-MNIST's background is black) and the fraction of the patches kept after each
+    pruning layer that do. A score no better than chance keeps the first fraction."""
+    model.eval()
+    batch = data.eval[: min(num_images, len(data.eval))]
+    pixels = batch["pixel_values"]
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    brightness = (pixels * std + mean).mean(dim=1, keepdim=True)  # (batch, 1, H, W) in [0, 1]
+    patch = model.config.patch_size
+    on_object = (torch.nn.functional.avg_pool2d(brightness, patch).flatten(1) > threshold)  # (batch, patches)
+    outputs = model(pixel_values=pixels.to(model.device))
+    result = {"all_patches": float(on_object.float().mean())}
+    for layer, kept in zip(model.config.token_pruning_layers, outputs.kept_patch_indices or ()):
+        result[f"kept_after_layer_{layer}"] = float(on_object.gather(1, kept.cpu()).float().mean())
+    return result

@@ -1,12 +1,27 @@
-"""One training run of an experiment, timed without evaluation, and the table that compares runs."""
+"""Runs of an accuracy-against-time experiment, and the protocol that makes them comparable.
+
+Every Tri-Level run is set beside two dense runs from the same initial weights (see `../shared/experiments.md`):
+  * dense: transformers' ViT for the same epochs;
+  * budget-matched dense: a dense run as long as the Tri-Level run took (its step count from the dense run's
+    measured seconds per step), with its own cosine schedule fully decayed at its end, not a point read off the
+    middle of the long run;
+and time to accuracy: the training wall-clock (evaluation excluded) at which a run's evaluations first reach the
+full dense run's final accuracy less `TOLERANCE`, read off the run's own curve (None when never reached).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import statistics
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from .common import TrainingClockCallback, compute_accuracy
+from ..tri_level import TriLevelTrainer, TriLevelTrainingArguments
+from .common import TrainingClockCallback, build_dense_vit, build_sparse_vit, compute_accuracy
+
+TOLERANCE = 0.003  # "reaches dense accuracy": within 0.3 points
 
 
 @dataclass
@@ -16,10 +31,26 @@ class RunResult:
     train_seconds: float
     images_trained: int
     curve: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    role: str = "dense"  # dense | dense_budget_matched | tri_level
+    final_learning_rate: float | None = None  # 0 when the schedule decayed fully
 
 
-def train_one(name: str, trainer_class, model, training_args, data) -> tuple[RunResult, Trainer]:
-    """Train `model` with `trainer_class`; returns the run's result and the trainer."""
+@dataclass(frozen=True)
+class Variant:
+    """A Tri-Level setting: the three levels' final ratios (`example_pruning` None: dense ViT)."""
+
+    label: str
+    example_pruning: str | None
+    token_keep_ratio: float = 1.0
+    attention_keep_ratio: float = 1.0
+    inactive_fraction: float | None = None
+    token_fusion: bool = False
+    arguments: dict[str, Any] = field(default_factory=dict)  # more TriLevelTrainingArguments
+
+
+def train_one(name: str, trainer_class, model, training_args, data, role: str = "dense") -> tuple[RunResult, Trainer]:
+    """Train `model` with `trainer_class`; the final model is evaluated once if the run did not end on an evaluation."""
     clock = TrainingClockCallback()
     trainer = trainer_class(
         model=model,
@@ -34,19 +65,80 @@ def train_one(name: str, trainer_class, model, training_args, data) -> tuple[Run
     train_seconds = clock.train_seconds()
     if not clock.curve or clock.curve[-1]["step"] != trainer.state.global_step:
         trainer.evaluate()  # the final model, once (the clock adds it to the curve)
-    # The Tri-Level trainer counts what it trained; the dense run trains every example every epoch.
-    images = getattr(trainer, "samples_seen", None) or round(training_args.num_train_epochs * len(data.train))
-    return RunResult(name, clock.curve[-1]["accuracy"], train_seconds, images, clock.curve), trainer
+    steps = trainer.state.global_step
+    # The Tri-Level trainer counts what it trained; a dense run trains every example of each epoch it ran.
+    images = getattr(trainer, "samples_seen", None) or round(trainer.state.epoch * len(data.train))
+    final_lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else None
+    result = RunResult(name, clock.curve[-1]["accuracy"], train_seconds, images, clock.curve, steps, role, final_lr)
+    return result, trainer
 
 
-def format_table(results: list[RunResult]) -> str:
-    dense = results[0]
-    lines = [f"{'run':<22} {'test acc %':>10} {'train s':>9} {'images':>9} {'time saved':>11} {'acc delta':>10}"]
+def slug(name: str) -> str:
+    """A folder name for a run."""
+    return "".join(character if character.isalnum() else "_" for character in name.lower()).strip("_")
+
+
+def train_dense(data, model_args, seed: int, fields: dict[str, Any], name: str = "dense ViT",
+                max_steps: int | None = None, role: str = "dense") -> RunResult:
+    """transformers' ViT from `seed`'s initial weights, for the epochs in `fields` or exactly `max_steps` (its
+    schedule then fully decays at that step)."""
+    model = build_dense_vit(model_args, data, seed)
+    fields = dict(fields, output_dir=os.path.join(fields["output_dir"], slug(name)))
+    if max_steps is not None:
+        fields["max_steps"] = max_steps
+    return train_one(name, Trainer, model, TrainingArguments(**fields), data, role)[0]
+
+
+def train_tri_level(data, model_args, seed: int, fields: dict[str, Any], variant: Variant,
+                    name: str | None = None) -> tuple[RunResult, TriLevelTrainer]:
+    """A SparseViT converted from the dense run's initial weights, trained by `TriLevelTrainer` with `variant`."""
+    dense = build_dense_vit(model_args, data, seed)
+    model_args = replace(model_args, token_fusion=variant.token_fusion or model_args.token_fusion)
+    model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
+                             from_dense=dense)
+    name = name or variant.label
+    fields = dict(fields, output_dir=os.path.join(fields["output_dir"], slug(name)))
+    args = TriLevelTrainingArguments(
+        **fields, example_pruning=variant.example_pruning, example_inactive_fraction=variant.inactive_fraction,
+        **variant.arguments,
+    )
+    return train_one(name, TriLevelTrainer, model, args, data, role="tri_level")
+
+
+def budget_matched_steps(dense: RunResult, seconds: float) -> int:
+    """Optimizer steps a dense run takes in `seconds`, from the full dense run's measured seconds per step."""
+    return max(1, round(dense.steps * seconds / dense.train_seconds))
+
+
+def time_to_accuracy(curve: list[dict[str, float]], target: float) -> float | None:
+    """Training seconds at the first evaluation at or above `target` (None when never reached)."""
+    return next((point["train_seconds"] for point in curve if point["accuracy"] >= target), None)
+
+
+def median(values: list[float | None]) -> float | None:
+    """The median, counting None as "never" (+infinity): None when half the values or more are None."""
+    ranked = sorted(float("inf") if value is None else value for value in values)
+    if not ranked:
+        return None
+    value = statistics.median(ranked)
+    return None if value == float("inf") else value
+
+
+def spread(values: list[float | None]) -> list[float | None]:
+    """[min, max] of the values that are not None."""
+    known = [value for value in values if value is not None]
+    return [min(known), max(known)] if known else [None, None]
+
+
+def format_table(results: list[RunResult], dense_index: int = 0) -> str:
+    """One line per run: accuracy, wall-clock, images, time saved and accuracy delta against the dense run."""
+    dense = results[dense_index]
+    lines = [f"{'run':<30} {'test acc %':>10} {'train s':>9} {'images':>9} {'time saved':>11} {'acc delta':>10}"]
     for result in results:
         saved = 1.0 - result.train_seconds / dense.train_seconds
         delta = 100 * (result.accuracy - dense.accuracy)
         lines.append(
-            f"{result.name:<22} {100 * result.accuracy:>10.2f} {result.train_seconds:>9.1f} {result.images_trained:>9d} "
+            f"{result.name:<30} {100 * result.accuracy:>10.2f} {result.train_seconds:>9.1f} {result.images_trained:>9d} "
             f"{100 * saved:>10.1f}% {delta:>+10.2f}"
         )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -17,6 +18,17 @@ RESCALED_INIT_METHODS: tuple[str, ...] = ("gradinit", "density", "none")
 GRADINIT_MAX_STEPS = 180
 """The ToST README's GradInit iterations (long CNN runs); short runs use 2 % of their optimizer steps, at least 1."""
 GRADINIT_STEP_FRACTION = 0.02
+
+
+# The recipe each model family gets when its fields are left unset (None): the settings that won in
+# `hf-sparse bench tost` (see the README). "vit": SparseViT, HF ViT; "cnn": every other model (transformers' ResNet).
+FAMILY_RECIPES: dict[str, dict[str, Any]] = {
+    "vit": dict(ghost_soft_neurons=True, ghost_skip_connections=True, ghost_end_fraction=0.1, ghost_skip_alpha=1.0,
+                rescaled_init="gradinit", label_smoothing=0.1),
+    "cnn": dict(ghost_soft_neurons=True, ghost_skip_connections=True, ghost_end_fraction=0.1, ghost_skip_alpha=1.0,
+                rescaled_init="gradinit", label_smoothing=0.1),
+}
+RECIPE_FIELDS = tuple(FAMILY_RECIPES["vit"])
 
 
 def default_rescaled_init_steps(total_steps: int) -> int:
@@ -96,25 +108,28 @@ class ToSTTrainingArguments(TrainingArguments):
     )
 
     # --- ghosts ---------------------------------------------------------------------------------------------------
-    ghost_soft_neurons: bool = field(
-        default=True,
-        metadata={"help": "Start with softer activations (GELU: x*Phi(lambda x), ReLU: Swish) annealed back."},
+    ghost_soft_neurons: bool | None = field(
+        default=None,
+        metadata={"help": "Start with softer activations (GELU: x*Phi(lambda x), ReLU: Swish) annealed back "
+                  "(default: the model family's recipe)."},
     )
-    ghost_skip_connections: bool = field(
-        default=True, metadata={"help": "Add alpha*G(x) (identity-like, parameter-free) around each sparse layer."}
+    ghost_skip_connections: bool | None = field(
+        default=None, metadata={"help": "Add alpha*G(x) (identity-like, parameter-free) around each sparse layer "
+                                "(default: the model family's recipe)."}
     )
-    ghost_end_fraction: float = field(
-        default=0.1,
+    ghost_end_fraction: float | None = field(
+        default=None,
         metadata={
             "help": "Fraction of the optimizer steps after which the ghosts are gone (annealed linearly from the "
-            "start). 0.1: they help gradient flow through the early, most fragile phase of sparse training, and "
-            "90 % of the budget is left to adapt to the final architecture."
+            "start; default: the model family's recipe)."
         },
     )
     ghost_activation_lambda: float = field(
         default=0.5, metadata={"help": "Soft neurons: starting sharpness lambda_0 of x*Phi(lambda x) (1 = GELU)."}
     )
-    ghost_skip_alpha: float = field(default=1.0, metadata={"help": "Ghost skips: starting scale alpha_0 of G(x)."})
+    ghost_skip_alpha: float | None = field(
+        default=None, metadata={"help": "Ghost skips: starting scale alpha_0 of G(x) (default: the family's)."}
+    )
     ghost_skip_schedule: str = field(
         default="linear",
         metadata={"help": f"Ghost skips: alpha from alpha_0 to 0, one of {GHOST_SKIP_SCHEDULES}.",
@@ -122,11 +137,11 @@ class ToSTTrainingArguments(TrainingArguments):
     )
 
     # --- layer-wise rescaled initialisation -----------------------------------------------------------------------
-    rescaled_init: str = field(
-        default="gradinit",
+    rescaled_init: str | None = field(
+        default=None,
         metadata={
             "help": f"One of {RESCALED_INIT_METHODS}: GradInit scales learned with a masked look-ahead, the closed "
-            "form 1/sqrt(density) per layer, or nothing.",
+            "form 1/sqrt(density) per layer, or nothing (default: the model family's recipe).",
             "choices": RESCALED_INIT_METHODS,
         },
     )
@@ -142,11 +157,12 @@ class ToSTTrainingArguments(TrainingArguments):
     gradinit_min_scale: float = field(default=0.01, metadata={"help": "GradInit: lower bound of every scale."})
 
     # --- label smoothing ------------------------------------------------------------------------------------------
-    label_smoothing: float = field(
-        default=0.1,
+    label_smoothing: float | None = field(
+        default=None,
         metadata={
             "help": "ToST's alpha: 1 - alpha on the label, alpha/(C-1) on each other class (PyTorch/HF epsilon = "
-            "alpha*C/(C-1)). 0 turns it off. Do not combine with `label_smoothing_factor`."
+            "alpha*C/(C-1)). 0 turns it off (default: the model family's recipe). Do not combine with "
+            "`label_smoothing_factor`."
         },
     )
 
@@ -171,24 +187,45 @@ class ToSTTrainingArguments(TrainingArguments):
         check_fraction("lottery_ticket_round_fraction", self.lottery_ticket_round_fraction,
                        low_inclusive=False, high_inclusive=True)
         check_int("lottery_ticket_rewind_step", self.lottery_ticket_rewind_step, minimum=0)
-        check_bool("ghost_soft_neurons", self.ghost_soft_neurons)
-        check_bool("ghost_skip_connections", self.ghost_skip_connections)
-        check_fraction("ghost_end_fraction", self.ghost_end_fraction, low_inclusive=False, high_inclusive=True)
+        self._check_recipe()
         check_positive("ghost_activation_lambda", self.ghost_activation_lambda)
-        check_positive("ghost_skip_alpha", self.ghost_skip_alpha)
         check_choice("ghost_skip_schedule", self.ghost_skip_schedule, GHOST_SKIP_SCHEDULES)
-        check_choice("rescaled_init", self.rescaled_init, RESCALED_INIT_METHODS)
         if self.rescaled_init_steps is not None:
             check_int("rescaled_init_steps", self.rescaled_init_steps, minimum=0)
         for name in ("gradinit_lr", "gradinit_eta", "gradinit_gamma", "gradinit_min_scale"):
             check_positive(name, getattr(self, name))
-        check_fraction("label_smoothing", self.label_smoothing)
-        if self.label_smoothing > 0 and self.label_smoothing_factor > 0:
+        if (self.label_smoothing or 0) > 0 and self.label_smoothing_factor > 0:
             raise ValueError(
                 f"`label_smoothing` ({self.label_smoothing}, ToST's alpha/(C-1) convention) and "
                 f"`label_smoothing_factor` ({self.label_smoothing_factor}, HF's eps/C) are both set: use one. "
                 "For the paper's 0.1 keep `label_smoothing=0.1` and `label_smoothing_factor=0`."
             )
+
+    def _check_recipe(self) -> None:
+        """Check the recipe fields that are set (None: the family's, checked once filled in)."""
+        checks = {
+            "ghost_soft_neurons": lambda value: check_bool("ghost_soft_neurons", value),
+            "ghost_skip_connections": lambda value: check_bool("ghost_skip_connections", value),
+            "ghost_end_fraction": lambda value: check_fraction("ghost_end_fraction", value, low_inclusive=False,
+                                                               high_inclusive=True),
+            "ghost_skip_alpha": lambda value: check_positive("ghost_skip_alpha", value),
+            "rescaled_init": lambda value: check_choice("rescaled_init", value, RESCALED_INIT_METHODS),
+            "label_smoothing": lambda value: check_fraction("label_smoothing", value),
+        }
+        for name, check in checks.items():
+            if getattr(self, name) is not None:
+                check(getattr(self, name))
+
+    def apply_family_recipe(self, family: str) -> None:
+        """Fill the recipe fields left unset with `FAMILY_RECIPES[family]` (the trainer calls it with its model's
+        family; fields already set are kept)."""
+        check_choice("family", family, tuple(FAMILY_RECIPES))
+        if self.label_smoothing is None and self.label_smoothing_factor > 0:
+            self.label_smoothing = 0.0  # HF's own smoothing was chosen: never both
+        for name, value in FAMILY_RECIPES[family].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self._check_recipe()
 
     @property
     def mask_patterns_tuple(self) -> tuple[str, ...]:
@@ -196,4 +233,4 @@ class ToSTTrainingArguments(TrainingArguments):
 
     @property
     def uses_ghosts(self) -> bool:
-        return self.ghost_soft_neurons or self.ghost_skip_connections
+        return bool(self.ghost_soft_neurons or self.ghost_skip_connections)

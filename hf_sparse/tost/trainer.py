@@ -39,7 +39,8 @@ from .arguments import ToSTTrainingArguments
 from .batches import SeededBatches
 from .ghosts import GhostCallback
 from .label_smoothing import label_smoothing_epsilon, smoothed_cross_entropy
-from .masks import MASKS_FILENAME, MaskCallback, get_masks, load_masks, mask_sparsity, masked_modules, reapply
+from .masks import MASKS_FILENAME, MaskCallback, get_masks, load_masks, mask_sparsity, masked_modules, model_family
+from .masks import reapply
 from .masks import save_masks, sparsity_report
 from .setup import broadcast_parameters, compute_masks_for, lottery_ticket, rescale_initialisation, sync_masks
 
@@ -77,6 +78,8 @@ class ToSTTrainer(SparseTrainer):
 
     def __init__(self, model=None, args: ToSTTrainingArguments | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
+        self.family = model_family(self.unwrapped_model)
+        args.apply_family_recipe(self.family)  # the recipe fields left unset: the settings that won for the family
         if getattr(self, "is_fsdp_enabled", False):
             raise ValueError(
                 "ToSTTrainer does not support FSDP: weight masks need whole, unsharded parameters. Use DDP "

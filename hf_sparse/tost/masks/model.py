@@ -40,6 +40,12 @@ MaskDict = dict[str, torch.Tensor]
 _GRAD_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def model_family(model: nn.Module) -> str:
+    """"vit" when the model has ViT block projections (SparseViT, HF ViT), else "cnn"."""
+    vit = re.compile(DEFAULT_PRUNABLE_PATTERNS[0])
+    return "vit" if any(isinstance(m, nn.Linear) and vit.search(n) for n, m in model.named_modules()) else "cnn"
+
+
 def _default_prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """ViT block projections when the model has them; otherwise every convolution but the first (the stem) and every
     Linear but the last (the classifier), in module order."""

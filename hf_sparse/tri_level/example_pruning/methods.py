@@ -175,22 +175,24 @@ class ForgettingExamplePruner(ExamplePruner):
 
 
 class InfoBatchExamplePruner(ExamplePruner):
-    """InfoBatch-style unbiased soft pruning, adapted to a planned (constant) epoch size.
+    """InfoBatch-like unbiased soft pruning, at a planned (constant) epoch size.
 
     Epoch 0 trains a uniform random subset of ``epoch_size``. Afterwards, with ``k = num_examples -
-    epoch_size``, the pool is the ``min(N, ceil(k / prune_ratio))`` examples with the lowest last loss
-    (examples never seen have loss +inf and are never in the pool; ties in loss are broken randomly);
-    ``k`` pool members, drawn uniformly, are dropped, and the kept pool members get loss weight
-    ``1 / (1 - k / |pool|)``, so the expected gradient equals the full-data one; all others weigh 1.
-    During the last ``tail_fraction`` of the epochs (``epoch >= (1 - tail_fraction) * num_epochs``,
-    InfoBatch's condition) each epoch is a uniform random subset with all weights 1.
+    epoch_size``, the pool is InfoBatch's: the examples whose last loss is below the mean of the known
+    losses, widened to the ``ceil(k / prune_ratio)`` lowest when smaller, so that no pool member is
+    dropped with a probability above ``prune_ratio`` (examples never seen have loss +inf and are never
+    in the pool; ties in loss are broken randomly). ``k`` pool members, drawn uniformly, are dropped,
+    and the kept pool members get loss weight ``1 / (1 - k / |pool|)``, so the expected gradient equals
+    the full-data one; all others weigh 1. During the last ``tail_fraction`` of the epochs
+    (``epoch >= (1 - tail_fraction) * num_epochs``, InfoBatch's condition) each epoch is a uniform
+    random subset with all weights 1.
 
-    Deviations from InfoBatch: (1) InfoBatch prunes a ratio of the below-mean-loss samples, so its
-    epoch size varies; here the drop count is fixed (``k``) and the pool size follows from it, which
-    keeps the Trainer's planned steps per epoch; ``prune_ratio`` plays InfoBatch's role (0.5 = its
-    default: half the pool is dropped). (2) InfoBatch trains on the full data in the tail; here the
-    tail keeps the planned size with a uniform subset. (3) When fewer than ``k`` examples have a known
-    loss (nothing recorded yet), the epoch falls back to a uniform random subset.
+    Deviations from InfoBatch (so tables call it "InfoBatch-like"): (1) InfoBatch drops each
+    below-mean example with probability ``prune_ratio``, so its epochs vary in size; here exactly
+    ``k`` are dropped, which keeps the Trainer's planned steps per epoch (and the learning-rate
+    schedule right). (2) Its first epoch and its tail train the full data; here they train uniform
+    subsets of the planned size. (3) When fewer than ``k`` examples have a known loss (nothing recorded
+    yet), the epoch falls back to a uniform random subset.
     """
 
     method = "infobatch"
@@ -221,7 +223,7 @@ class InfoBatchExamplePruner(ExamplePruner):
 
     @property
     def pool_size(self) -> int:
-        """``min(N, ceil(k / prune_ratio))`` before excluding unseen examples."""
+        """The smallest pool: ``min(N, ceil(k / prune_ratio))`` (the below-mean set may be larger)."""
         if self.num_inactive == 0:
             return 0
         return min(self.num_examples, math.ceil(self.num_inactive / self.prune_ratio - 1e-9))
@@ -242,8 +244,10 @@ class InfoBatchExamplePruner(ExamplePruner):
         generator = self._generator(STREAM_SUBSET, epoch)
         permutation = torch.randperm(self.num_examples, generator=generator)
         by_loss = permutation[torch.sort(self.last_loss[permutation], stable=True).indices]
-        known = int(torch.isfinite(self.last_loss).sum())
-        pool_size = min(self.pool_size, known)
+        finite = torch.isfinite(self.last_loss)
+        known = int(finite.sum())
+        below_mean = int((self.last_loss[finite] < self.last_loss[finite].mean()).sum()) if known else 0
+        pool_size = min(max(below_mean, self.pool_size), known)
         if pool_size < drop_count:
             logger.info("InfoBatch epoch %d: only %d examples have a loss; uniform subset instead.", epoch, known)
             return self._uniform(epoch), None
