@@ -27,7 +27,8 @@ def build_trainer(name: str, output_dir: str, callbacks=None, model_seed: int = 
         return TriLevelTrainer(model=tiny_sparse_vit(model_seed), args=args, train_dataset=data, callbacks=callbacks)
     if name == "tost":
         args = ToSTTrainingArguments(
-            **common, mask_method="snip", sparsity=0.8, ghost_end_fraction=0.6, rescaled_init="gradinit",
+            **common, mask_method="snip", sparsity=0.8, ghost_end_fraction=0.6, rescaled_init="gradinit", ghost_soft_neurons=True,
+            ghost_skip_connections=True,
             rescaled_init_steps=2, label_smoothing=0.1,
         )
         return ToSTTrainer(model=tiny_sparse_vit(model_seed), args=args, train_dataset=data, callbacks=callbacks)

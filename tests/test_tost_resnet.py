@@ -85,7 +85,8 @@ def test_ghosts_change_training_and_leave_no_trace(tmp_path, data):
     model = tiny_resnet()
     keys, count = list(model.state_dict()), sum(p.numel() for p in model.parameters())
     recorder = GhostRecorder()
-    args = arguments(tmp_path, max_steps=6, ghost_end_fraction=0.5, rescaled_init="none", label_smoothing=0.0)
+    args = arguments(tmp_path, max_steps=6, ghost_soft_neurons=True, ghost_skip_connections=True,
+                     ghost_end_fraction=0.5, rescaled_init="none", label_smoothing=0.0)
     trainer = ToSTTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
     trainer.train()
     # 5 ReLUs (the stem's, the first conv layer's of each block, after each residual sum) become ghosts; the 5
@@ -127,7 +128,8 @@ def test_gradinit_scales_convolutions_and_batch_norms_and_keeps_the_zeros(tmp_pa
 
 
 def test_saved_model_is_a_plain_transformers_resnet_with_the_zeros(tmp_path, data):
-    trainer = ToSTTrainer(model=tiny_resnet(), args=arguments(tmp_path, ghost_end_fraction=1.0), train_dataset=data)
+    trainer = ToSTTrainer(model=tiny_resnet(), args=arguments(tmp_path, ghost_end_fraction=1.0, ghost_skip_connections=True),
+                          train_dataset=data)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     files = set(os.listdir(tmp_path / "final"))

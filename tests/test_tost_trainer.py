@@ -34,9 +34,14 @@ def arguments(output_dir, **overrides) -> ToSTTrainingArguments:
         disable_tqdm=True,
         mask_method="snip",
         sparsity=0.9,
+        **PAPER_RECIPE,  # every technique on, as in the paper (the family defaults are tested on their own)
     )
     fields.update(overrides)
     return ToSTTrainingArguments(**fields)
+
+
+PAPER_RECIPE = dict(ghost_soft_neurons=True, ghost_skip_connections=True, ghost_end_fraction=0.1, ghost_skip_alpha=1.0,
+                    rescaled_init="gradinit", label_smoothing=0.1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -361,3 +366,22 @@ def test_trainer_needs_tost_arguments_and_a_sensible_smoothing(tmp_path, data):
         ToSTTrainer(model=tiny_sparse_vit(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
     with pytest.raises(ValueError, match="label_smoothing"):  # 0.9 > (C - 1) / C for 4 classes
         ToSTTrainer(model=tiny_sparse_vit(), args=arguments(tmp_path, label_smoothing=0.9), train_dataset=data)
+
+
+def test_unset_recipe_fields_take_the_model_familys_recipe_and_set_ones_win(tmp_path, data):
+    from hf_sparse.tost.arguments import FAMILY_RECIPES
+
+    from tri_level_helpers import tiny_resnet
+
+    def unset(**overrides):
+        return ToSTTrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                                     report_to=[], use_cpu=True, disable_tqdm=True, **overrides)
+
+    vit = ToSTTrainer(model=tiny_sparse_vit(), args=unset(), train_dataset=data)
+    assert vit.family == "vit" and {name: getattr(vit.args, name) for name in FAMILY_RECIPES["vit"]} == FAMILY_RECIPES["vit"]
+    cnn = ToSTTrainer(model=tiny_resnet(), args=unset(label_smoothing=0.2), train_dataset=data)
+    assert cnn.family == "cnn" and cnn.args.label_smoothing == 0.2  # set: kept
+    assert cnn.args.ghost_end_fraction == FAMILY_RECIPES["cnn"]["ghost_end_fraction"]
+    assert cnn.args.rescaled_init == FAMILY_RECIPES["cnn"]["rescaled_init"]
+    hf_only = ToSTTrainer(model=tiny_sparse_vit(), args=unset(label_smoothing_factor=0.1), train_dataset=data)
+    assert hf_only.args.label_smoothing == 0.0  # HF's own smoothing chosen: never both

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tost import TOST_MASK_METHODS, ToSTTrainer, ToSTTrainingArguments, save_masks
+from ..tost.arguments import FAMILY_RECIPES
 from .common import DataArguments, ModelArguments, TrainingClockCallback, build_model, compute_accuracy
 from .common import prepare_data, training_fields
 
@@ -37,12 +38,28 @@ VANILLA = dict(ghost_soft_neurons=False, ghost_skip_connections=False, rescaled_
 TECHNIQUES: dict[str, dict[str, Any]] = {
     "vanilla": VANILLA,
     "full": {},  # ToSTTrainingArguments' defaults for the model's family: the recipe that won
+    # each technique alone, with the family recipe's settings where it has them (else the paper's)
     "ghost_neurons": {**VANILLA, "ghost_soft_neurons": True},
     "ghost_skips": {**VANILLA, "ghost_skip_connections": True},
-    "rescaled_init": {**VANILLA, "rescaled_init": "gradinit"},
-    "label_smoothing": {**VANILLA, "label_smoothing": 0.1},
-    "density_init": {**VANILLA, "rescaled_init": "density"},  # the closed-form LRsI, not in the default grid
+    "rescaled_init": {**VANILLA, "rescaled_init": "family"},
+    "label_smoothing": {**VANILLA, "label_smoothing": "family"},
+    "gradinit": {**VANILLA, "rescaled_init": "gradinit"},
+    "density_init": {**VANILLA, "rescaled_init": "density"},
 }
+PAPER_VALUES = {"rescaled_init": "gradinit", "label_smoothing": 0.1}
+
+
+def technique_arguments(technique: str, family: Family) -> dict[str, Any]:
+    """The `ToSTTrainingArguments` of a variant: "family" means the family recipe's value, or the paper's when the
+    recipe leaves that technique off."""
+    recipe = FAMILY_RECIPES["vit" if family.model_type == "sparse_vit" else "cnn"]
+    values = dict(TECHNIQUES[technique])
+    for name, value in values.items():
+        if value == "family":
+            values[name] = recipe[name] if recipe[name] not in ("none", 0.0) else PAPER_VALUES[name]
+    return values
+
+
 SINGLE_TECHNIQUES = ("ghost_neurons", "ghost_skips", "rescaled_init", "label_smoothing")
 
 
@@ -60,7 +77,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     # The paper's CNN recipe (SGD, momentum 0.9, lr 0.1), cosine instead of its step decay, weight decay 5e-4.
-    "resnet": Family("resnet", epochs=15, max_train_samples=20_000, learning_rate=0.1,
+    "resnet": Family("resnet", epochs=15, max_train_samples=10_000, learning_rate=0.1,
                      training=dict(optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4, warmup_steps=0)),
     # The demo's ViT recipe (AdamW, weight decay 0.05, 5 % warm-up) on a smaller ViT (hidden 64 x 4 layers).
     "sparse_vit": Family("sparse_vit", epochs=8, max_train_samples=10_000, learning_rate=1e-3,
@@ -189,7 +206,7 @@ def run_one(args, family: Family, data, model_args, cell: tuple) -> tuple[dict[s
         mask_scope=args.mask_scope,
         mask_path=str(mask_file) if mask_file.is_file() else None,
         lottery_ticket_round_fraction=args.lottery_ticket_round_fraction,
-        **TECHNIQUES[technique],
+        **technique_arguments(technique, family),
     )
     model_args = family_model(family, model_args)
     model = build_model(model_args, data, seed)  # the same initial weights for every variant of a seed

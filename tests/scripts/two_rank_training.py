@@ -58,7 +58,8 @@ def main_tost(data, output_dir: str, resnet: bool = False) -> None:
     args = ToSTTrainingArguments(
         output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=4, learning_rate=1e-2,
         lr_scheduler_type="constant", save_strategy="steps", save_steps=8, logging_steps=1, report_to=[], seed=0,
-        disable_tqdm=True, use_cpu=True, sparsity=0.8, rescaled_init_steps=2, ghost_end_fraction=0.3, **mask,
+        disable_tqdm=True, use_cpu=True, sparsity=0.8, rescaled_init="gradinit", rescaled_init_steps=2,
+        ghost_end_fraction=0.3, ghost_soft_neurons=True, ghost_skip_connections=True, label_smoothing=0.1, **mask,
     )
     trainer = ToSTTrainer(model=tiny_resnet() if resnet else tiny_sparse_vit(), args=args, train_dataset=data)
     trainer.train()
