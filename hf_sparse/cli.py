@@ -2,7 +2,7 @@
 
 Every command's options are dataclass fields parsed by transformers' `HfArgumentParser` (defaults and choices in
 `--help`); a bad value or a missing file ends in one line on stderr and exit status 2, not a traceback
-(`HF_SPARSE_TRACEBACK=1` shows it).
+(`HF_SPARSE_TRACEBACK=1` shows it); a failed upload in `hf-sparse push` exits with 1.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _add_positional_command(parser: argparse.ArgumentParser, kind: type) -> None
         elif item.type in (bool, "bool"):
             parser.add_argument(f"--{item.name}", action="store_true", help=item.metadata["help"])
         else:
-            kind_of = float if item.type in (float, "float") else str
+            kind_of = {"float": float, "int": int}.get(str(item.type), str)
             parser.add_argument(f"--{item.name}", type=kind_of, default=item.default, help=item.metadata["help"])
 
 
@@ -99,6 +99,12 @@ def convert(args: ConvertArguments) -> int:
         token_fusion=args.token_fusion,
     )
     model.save_pretrained(args.output_dir)
+    try:  # the source's preprocessing travels with it
+        from transformers import AutoImageProcessor
+
+        AutoImageProcessor.from_pretrained(args.source).save_pretrained(args.output_dir)
+    except OSError:
+        print(f"{args.source} has no image processor config: none written.", file=sys.stderr)
     print(f"SparseViT written to {args.output_dir}")
     return 0
 

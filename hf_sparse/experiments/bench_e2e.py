@@ -17,12 +17,11 @@ and includes everything Tri-Level adds (statistics, refreshes, token scores).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .common import DataArguments, ModelArguments, prepare_data, training_fields
+from .common import DataArguments, ModelArguments, prepare_data, training_fields, with_defaults_from, write_json
 from .plots import plot_pareto
 from .runs import (
     TOLERANCE,
@@ -49,13 +48,13 @@ VARIANTS: dict[str, Variant] = {
     "data_infobatch": Variant("data: InfoBatch-like 0.3 (fixed epoch size)", "infobatch", inactive_fraction=0.3),
     "infobatch_tokens_0.7": Variant("InfoBatch-like 0.3 + tokens 0.7", "infobatch", 0.7, inactive_fraction=0.3),
     "forgetting_tokens_0.5": Variant("Tri-Level: forgetting 0.2 + tokens 0.5", "forgetting", 0.5),
+    "infobatch_tokens_0.5": Variant("InfoBatch-like 0.3 + tokens 0.5", "infobatch", 0.5, inactive_fraction=0.3),
 }
-DEFAULT_VARIANTS = ("tri_level", "tri_level_no_attention", "tokens_0.7")
+DEFAULT_VARIANTS = ("tri_level", "tokens_0.5", "infobatch_tokens_0.5")
 
 REGIMES: dict[str, dict[str, Any]] = {
     "short": dict(epochs=2.0, max_train_samples=None, model={}),
-    "converged": dict(epochs=30.0, max_train_samples=10_000,
-                      model=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4)),
+    "converged": dict(epochs=30.0, max_train_samples=10_000, model={}),
 }
 
 
@@ -76,7 +75,7 @@ class E2EArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
     batch_size: int = field(default=128, metadata={"help": "Training batch size."})
-    evaluations: int = field(default=8, metadata={"help": "Test-set evaluations per run (curves, time to accuracy)."})
+    evaluations: int = field(default=6, metadata={"help": "Test-set evaluations per run (curves, time to accuracy)."})
     data_seed: int = field(default=42, metadata={"help": "Picks the training subset."})
     json: str | None = field(default=None, metadata={"help": "Results file (default <output_dir>/bench_e2e.json)."})
 
@@ -93,27 +92,19 @@ class E2EArguments:
 ARGUMENTS = (E2EArguments, ModelArguments)
 
 
-def with_regime_model(args: E2EArguments, model_args: ModelArguments) -> ModelArguments:
-    """The regime's model fields where the command line left `ModelArguments`' defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.default is not dataclasses.MISSING}
-    preset = {name: value for name, value in REGIMES[args.regime]["model"].items()
-              if getattr(model_args, name) == defaults[name]}
-    return dataclasses.replace(model_args, **preset)
-
-
 def run_seed(args: E2EArguments, model_args: ModelArguments, data, seed: int) -> dict[str, Any]:
     """Every arm of one seed: {"dense": RunResult, variant: {"run": RunResult, "budget_matched": RunResult}}."""
     fields = training_fields(os.path.join(args.output_dir, f"seed{seed}"), args.epochs, args.batch_size, seed,
                              args.evaluations)
     fields.update(disable_tqdm=True, logging_steps=100)
-    runs: dict[str, Any] = {"dense": train_dense(data, model_args, seed, fields, name="dense")}
+    runs: dict[str, Any] = {"dense": train_dense(data, model_args, seed, fields, name="dense")[0]}
     for key in args.variants:
         tri, _ = train_tri_level(data, model_args, seed, fields, VARIANTS[key], name=key)
         runs[key] = {"run": tri}
         if args.budget_matched:
             steps = budget_matched_steps(runs["dense"], tri.train_seconds)
             runs[key]["budget_matched"] = train_dense(data, model_args, seed, fields, name=f"dense_matched_{key}",
-                                                      max_steps=steps, role="dense_budget_matched")
+                                                      max_steps=steps, role="dense_budget_matched")[0]
     return runs
 
 
@@ -190,7 +181,7 @@ def pareto_points(rows: list[dict[str, Any]], per_seed: dict[int, dict[str, Any]
 
 
 def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]:
-    model_args = with_regime_model(args, model_args)
+    model_args = with_defaults_from(model_args, REGIMES[args.regime]["model"])
     os.makedirs(args.output_dir, exist_ok=True)
     data = prepare_data(DataArguments(max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples),
                         seed=args.data_seed)
@@ -207,8 +198,7 @@ def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]
             "rows": rows, "pareto": pareto_points(rows, per_seed),
             "runs": {str(s): _runs_json(per_seed[s]) for s in per_seed},
         }
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(path, result)
     title = (f"{data.name}, {args.regime} regime ({len(data.train)} images, {args.epochs:g} epochs), "
              f"median of {len(args.seeds)} seeds")
     plot_pareto(result["pareto"], os.path.join(args.output_dir, "accuracy_vs_wall_clock.png"), title)

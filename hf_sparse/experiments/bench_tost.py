@@ -19,7 +19,7 @@ cost) and excludes evaluation. Rows are written to the JSON as they finish and a
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -31,7 +31,7 @@ from typing import Any
 from ..tost import TOST_MASK_METHODS, ToSTTrainer, ToSTTrainingArguments, save_masks
 from ..tost.arguments import FAMILY_RECIPES
 from .common import DataArguments, ModelArguments, TrainingClockCallback, build_model, compute_accuracy
-from .common import prepare_data, training_fields
+from .common import prepare_data, training_fields, with_defaults_from, write_json
 
 
 VANILLA = dict(ghost_soft_neurons=False, ghost_skip_connections=False, rescaled_init="none", label_smoothing=0.0)
@@ -137,9 +137,7 @@ ARGUMENTS = (ToSTBenchArguments, ModelArguments)
 
 def family_model(family: Family, model_args: ModelArguments) -> ModelArguments:
     """The family's model type and sizes, where the command line left `ModelArguments`' defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.default is not dataclasses.MISSING}
-    sizes = {name: value for name, value in family.model.items() if getattr(model_args, name) == defaults[name]}
-    return replace(model_args, model_type=family.model_type, **sizes)
+    return replace(with_defaults_from(model_args, family.model), model_type=family.model_type)
 
 
 def _key(family: str, method: str, sparsity: float, technique: str | None = None, seed: int | None = None) -> str:
@@ -169,6 +167,7 @@ def _settings(args: ToSTBenchArguments, model_args: ModelArguments) -> dict[str,
         "batch_size": args.batch_size, "max_eval_samples": args.max_eval_samples, "data_seed": args.data_seed,
         "mask_scope": args.mask_scope, "lottery_ticket_round_fraction": args.lottery_ticket_round_fraction,
         "model": {name: asdict(family_model(args.family(name), model_args)) for name in args.families},
+        "recipes": FAMILY_RECIPES,
     }
 
 
@@ -185,17 +184,16 @@ def _load(path: Path, settings: dict[str, Any], fresh: bool) -> dict[str, Any]:
     return results
 
 
-def _write(path: Path, results: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(temporary, path)  # a run killed mid-write never leaves a truncated file
+def masks_folder(args: ToSTBenchArguments, model_args: ModelArguments) -> Path:
+    """Where this run's masks are kept: named by a hash of the settings, so other settings never reuse them."""
+    digest = hashlib.sha256(json.dumps(_settings(args, model_args), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(args.output_dir) / "masks" / digest
 
 
-def run_one(args, family: Family, data, model_args, cell: tuple) -> tuple[dict[str, Any], float | None]:
+def run_one(args, family: Family, data, model_args, cell: tuple, masks: Path) -> tuple[dict[str, Any], float | None]:
     """Train one variant; returns its row and, when it computed the mask, the mask's seconds."""
     family_name, method, sparsity, technique, seed = cell
-    mask_file = Path(args.output_dir) / "masks" / f"{family_name}_{method}_{sparsity:g}_seed{seed}.safetensors"
+    mask_file = masks / f"{family_name}_{method}_{sparsity:g}_seed{seed}.safetensors"
     run_dir = os.path.join(args.output_dir, "runs", f"{family_name}_{method}_{sparsity:g}_{technique}_seed{seed}")
     fields = training_fields(run_dir, family.epochs, args.batch_size, seed, learning_rate=family.learning_rate)
     fields.update(disable_tqdm=True, logging_steps=100, **family.training)
@@ -308,9 +306,10 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
     os.makedirs(args.output_dir, exist_ok=True)
     path = Path(args.json or os.path.join(args.output_dir, "bench_tost.json"))
     results = _load(path, _settings(args, model_args), args.fresh)
+    masks = masks_folder(args, model_args)
     if args.fresh:
-        for stale in (Path(args.output_dir) / "masks").glob("*.safetensors"):
-            stale.unlink()  # masks of other settings must not be reused
+        for stale in masks.glob("*.safetensors"):
+            stale.unlink()  # a fresh run computes its masks again
     done = {_key(r["family"], r["method"], r["sparsity"], r["technique"], r["seed"]) for r in results["rows"]}
     grid = plan_grid(args)
     selected = {_key(*cell) for cell in grid}
@@ -328,12 +327,12 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
                 seed=args.data_seed,
             )
         print(f"\n=== {prefix} ===", flush=True)
-        row, mask_seconds = run_one(args, family, data[family.max_train_samples], model_args, cell)
+        row, mask_seconds = run_one(args, family, data[family.max_train_samples], model_args, cell, masks)
         results["rows"].append(row)
         if mask_seconds is not None:
             results["mask_seconds"][_key(family_name, method, sparsity, None, seed)] = mask_seconds
         results["table"] = summarize(results["rows"], results["mask_seconds"])
-        _write(path, results)
+        write_json(path, results)
         done.add(key)
         print(f"{prefix}: test accuracy {100 * row['test_accuracy']:.2f} %, train {row['train_seconds']:.1f} s "
               f"({len(done & selected)}/{len(grid)} done)", flush=True)

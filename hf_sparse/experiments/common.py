@@ -6,7 +6,10 @@ below, so a recipe run, `hf-sparse demo` and the benchmarks build models and dat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ class ModelArguments:
         metadata={"help": "ViT/DeiT image-classification checkpoint (local folder or Hub id) to convert; default: "
                   "a model from scratch."},
     )
-    hidden_size: int = field(default=128, metadata={"help": "Width of a model from scratch."})
+    hidden_size: int = field(default=96, metadata={"help": "Width of a model from scratch."})
     num_hidden_layers: int = field(default=6, metadata={"help": "Depth of a model from scratch."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads of a model from scratch."})
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default: 4 x hidden_size)."})
@@ -299,6 +302,21 @@ class TrainingClockCallback(TrainerCallback):
         return (now or time.perf_counter()) - self.start - self.evaluation_seconds
 
 
+def with_defaults_from(arguments, preset: dict[str, Any]):
+    """`arguments` (a dataclass) with `preset`'s values where the command line left the field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(arguments) if f.default is not dataclasses.MISSING}
+    return dataclasses.replace(arguments, **{name: value for name, value in preset.items()
+                                             if getattr(arguments, name) == defaults.get(name)})
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write JSON through a temporary file: a run killed mid-write never leaves a truncated file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(temporary, path)
+
+
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -320,9 +338,13 @@ def train_from_config(trainer_class, arguments_class, argv: list[str] | None = N
     """What `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]` into `ModelArguments`, `DataArguments` and
     `arguments_class`, build the data and the model (`model_type`), train (resuming if asked), evaluate, and save the model, its
     card, the metrics and the trainer state. `metrics(trainer)` adds to the evaluation metrics. Returns the trainer."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        argv += ["--use_cpu", "true"]  # before the arguments are built: lets `accelerate launch` form a gloo group
     model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, arguments_class), argv)
-    if not torch.cuda.is_available() and not training_args.use_cpu:
-        training_args.use_cpu = True  # lets `accelerate launch` on a CPU box form a gloo group
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest whole checkpoint in output_dir
     # Per-layer sparsity, IMP rounds, ghost removal and such are logged by hf_sparse (main process).
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
     logging.getLogger("hf_sparse").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
@@ -339,7 +361,7 @@ def train_from_config(trainer_class, arguments_class, argv: list[str] | None = N
         compute_metrics=compute_accuracy,
         processing_class=data.image_processor(),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     results = trainer.evaluate()
     results.update(metrics(trainer) if metrics is not None else {})
     trainer.log_metrics("eval", results)

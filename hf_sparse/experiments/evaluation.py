@@ -25,6 +25,9 @@ class EvaluateArguments:
     dataset_name: str = field(default="fashion_mnist", metadata={"help": "'fashion_mnist', a Hub name or a folder."})
     split: str = field(default="test", metadata={"help": "The split to evaluate on."})
     max_eval_samples: int | None = field(default=1000, metadata={"help": "Evaluate on the first examples only."})
+    seed: int = field(default=42, metadata={"help": "Without the split: the seed of the held-out split made from "
+                      "train; use the training run's, or the models are scored on images they trained on."})
+    held_out_fraction: float = field(default=0.1, metadata={"help": "Without the split: the held-out fraction."})
     json: str | None = field(default=None, metadata={"help": "Also write the results as JSON here."})
 
     def __post_init__(self):
@@ -36,7 +39,8 @@ ARGUMENTS = (EvaluateArguments,)
 
 
 def evaluation_data(args: EvaluateArguments):
-    _, data = load_splits(DataArguments(dataset_name=args.dataset_name, eval_split=args.split))
+    _, data = load_splits(DataArguments(dataset_name=args.dataset_name, eval_split=args.split,
+                                        held_out_fraction=args.held_out_fraction), seed=args.seed)
     if args.max_eval_samples is not None:
         data = data.select(range(min(args.max_eval_samples, len(data))))
     return data
@@ -50,8 +54,9 @@ def _pipeline(model_name: str, data):
     model = AutoModelForImageClassification.from_pretrained(model_name).eval()
     if getattr(model.config, "num_channels", 3) == 1 and model.config.model_type != "sparse_vit":
         raise ValueError(
-            f"{model_name} has num_channels=1, but transformers' image pipeline feeds RGB images; convert it to SparseViT "
-            "(`hf-sparse convert`), which takes the luma of an RGB input."
+            f"{model_name} has num_channels=1, but transformers' image pipeline feeds RGB images: train it with "
+            "num_channels=3 (a grey image repeated), or, for a ViT, convert it to SparseViT (`hf-sparse convert`), "
+            "which takes the luma of an RGB input."
         )
     try:
         processor = AutoImageProcessor.from_pretrained(model_name)
@@ -88,7 +93,7 @@ def evaluate_models(args: EvaluateArguments) -> list[dict]:
         with torch.inference_mode():
             result = task.compute(
                 model_or_pipeline=classifier, data=data, metric=load_accuracy(),
-                label_mapping={label: index for index, label in id2label.items()},
+                label_mapping={label: names.index(label) for label in id2label.values()},  # the data set's ids
             )
         sparsity = getattr(model.config, "weight_sparsity", None)
         rows.append({

@@ -79,14 +79,14 @@ def slug(name: str) -> str:
 
 
 def train_dense(data, model_args, seed: int, fields: dict[str, Any], name: str = "dense ViT",
-                max_steps: int | None = None, role: str = "dense") -> RunResult:
+                max_steps: int | None = None, role: str = "dense") -> tuple[RunResult, Trainer]:
     """transformers' ViT from `seed`'s initial weights, for the epochs in `fields` or exactly `max_steps` (its
     schedule then fully decays at that step)."""
     model = build_dense_vit(model_args, data, seed)
     fields = dict(fields, output_dir=os.path.join(fields["output_dir"], slug(name)))
     if max_steps is not None:
         fields["max_steps"] = max_steps
-    return train_one(name, Trainer, model, TrainingArguments(**fields), data, role)[0]
+    return train_one(name, Trainer, model, TrainingArguments(**fields), data, role)
 
 
 def train_tri_level(data, model_args, seed: int, fields: dict[str, Any], variant: Variant,
@@ -128,17 +128,3 @@ def spread(values: list[float | None]) -> list[float | None]:
     """[min, max] of the values that are not None."""
     known = [value for value in values if value is not None]
     return [min(known), max(known)] if known else [None, None]
-
-
-def format_table(results: list[RunResult], dense_index: int = 0) -> str:
-    """One line per run: accuracy, wall-clock, images, time saved and accuracy delta against the dense run."""
-    dense = results[dense_index]
-    lines = [f"{'run':<30} {'test acc %':>10} {'train s':>9} {'images':>9} {'time saved':>11} {'acc delta':>10}"]
-    for result in results:
-        saved = 1.0 - result.train_seconds / dense.train_seconds
-        delta = 100 * (result.accuracy - dense.accuracy)
-        lines.append(
-            f"{result.name:<30} {100 * result.accuracy:>10.2f} {result.train_seconds:>9.1f} {result.images_trained:>9d} "
-            f"{100 * saved:>10.1f}% {delta:>+10.2f}"
-        )
-    return "\n".join(lines)

@@ -30,7 +30,6 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     "cnn": dict(ghost_soft_neurons=True, ghost_skip_connections=False, ghost_end_fraction=0.3, ghost_skip_alpha=1.0,
                 rescaled_init="none", label_smoothing=0.0),
 }
-RECIPE_FIELDS = tuple(FAMILY_RECIPES["vit"])
 
 
 def default_rescaled_init_steps(total_steps: int) -> int:
@@ -40,9 +39,10 @@ def default_rescaled_init_steps(total_steps: int) -> int:
 
 @dataclass
 class ToSTTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus ToST's mask and its four techniques. The defaults are the full recipe; every technique
-    switches off on its own (`ghost_soft_neurons=False`, `ghost_skip_connections=False`, `rescaled_init="none"`,
-    `label_smoothing=0`), so "vanilla" sparse training is all four off."""
+    """`TrainingArguments` plus ToST's mask and its four techniques. Technique fields left unset (None) take the
+    recipe that won for the model's family (`FAMILY_RECIPES`, filled in by the trainer on a copy of the arguments);
+    every technique switches off on its own (`ghost_soft_neurons=False`, `ghost_skip_connections=False`,
+    `rescaled_init="none"`, `label_smoothing=0`), so "vanilla" sparse training is all four off."""
 
     # --- the mask -------------------------------------------------------------------------------------------------
     mask_method: str = field(
@@ -218,16 +218,22 @@ class ToSTTrainingArguments(TrainingArguments):
             if getattr(self, name) is not None:
                 check(getattr(self, name))
 
-    def apply_family_recipe(self, family: str) -> None:
-        """Fill the recipe fields left unset with `FAMILY_RECIPES[family]` (the trainer calls it with its model's
-        family; fields already set are kept)."""
+    def apply_family_recipe(self, family: str, single_label: bool = True) -> None:
+        """Fill the recipe fields left unset with `FAMILY_RECIPES[family]` (the trainer calls it, on a copy, with
+        its model's family; fields already set are kept). Label smoothing is left off for models that are not
+        single-label classifiers, and when HF's own `label_smoothing_factor` is set (never both)."""
         check_choice("family", family, tuple(FAMILY_RECIPES))
-        if self.label_smoothing is None and self.label_smoothing_factor > 0:
-            self.label_smoothing = 0.0  # HF's own smoothing was chosen: never both
+        if self.label_smoothing is None and (self.label_smoothing_factor > 0 or not single_label):
+            self.label_smoothing = 0.0
         for name, value in FAMILY_RECIPES[family].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self._check_recipe()
+
+    @property
+    def mask_data_seed(self) -> int:
+        """The seed of the random mask and of the batches that score masks (`mask_seed`, else `seed`)."""
+        return self.mask_seed if self.mask_seed is not None else self.seed
 
     @property
     def mask_patterns_tuple(self) -> tuple[str, ...]:

@@ -47,7 +47,7 @@ def compute_masks_for(model: nn.Module, args: ToSTTrainingArguments, batches: It
         patterns=args.mask_patterns_tuple,
         num_batches=args.mask_batches,
         synflow_rounds=args.synflow_rounds,
-        seed=args.mask_seed if args.mask_seed is not None else args.seed,
+        seed=args.mask_data_seed,
     )
     model.train()
     return dict(prune_model(model, config, batches=batches if args.mask_method in DATA_METHODS else None).metadata)
@@ -68,15 +68,23 @@ class _Snapshot(TrainerCallback):
             self.state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def round_arguments(args: TrainingArguments, steps: int, data_seed: int, keep_columns: bool) -> TrainingArguments:
+def round_arguments(args: TrainingArguments, steps: int, total_steps: int, round_index: int,
+                    keep_columns: bool) -> TrainingArguments:
     """Plain `TrainingArguments` for one dense(-within-the-mask) round: this run's optimizer, schedule shape,
-    accumulation, clipping and precision over `steps`, with no saving, evaluation, logging or label smoothing."""
+    accumulation, clipping and precision over `steps` (an absolute warm-up scaled to the round), with no saving,
+    evaluation, logging or label smoothing, and a seed and data order of the round's own."""
+    if getattr(args, "deepspeed", None):
+        raise ValueError("`mask_method='lottery_ticket'` does not support DeepSpeed: its rounds need whole parameters.")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    warmup = args.warmup_steps
+    if isinstance(warmup, int) and warmup >= 1:
+        warmup = round(warmup * steps / max(1, total_steps))
+    seed = args.mask_data_seed + 2 + round_index
     values.update(
-        max_steps=steps, save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
-        disable_tqdm=True, push_to_hub=False, load_best_model_at_end=False, label_smoothing_factor=0.0,
-        data_seed=data_seed, remove_unused_columns=args.remove_unused_columns and not keep_columns,
-        resume_from_checkpoint=None,
+        max_steps=steps, warmup_steps=warmup, save_strategy="no", eval_strategy="no", eval_on_start=False,
+        logging_strategy="no", report_to=[], disable_tqdm=True, push_to_hub=False, load_best_model_at_end=False,
+        label_smoothing_factor=0.0, seed=seed, data_seed=seed,
+        remove_unused_columns=args.remove_unused_columns and not keep_columns, resume_from_checkpoint=None,
     )
     return TrainingArguments(**values)
 
@@ -110,16 +118,17 @@ def lottery_ticket(
             f"({round_steps} = lottery_ticket_round_fraction x {total_steps}); lower it or raise the fraction."
         )
     keep_columns = getattr(train_dataset, "format", {}).get("type") == "custom"
-    data_seed = (args.mask_seed if args.mask_seed is not None else args.seed) + 2
     rounds_trained = [0]
 
     def train_round(snapshot_step: int | None = None) -> dict[str, torch.Tensor] | None:
         snapshot = _Snapshot(snapshot_step)
-        round_args = round_arguments(args, round_steps, data_seed + rounds_trained[0], keep_columns)
+        round_args = round_arguments(args, round_steps, total_steps, rounds_trained[0], keep_columns)
         trainer = Trainer(model=model, args=round_args, train_dataset=train_dataset, data_collator=data_collator,
                           callbacks=[MaskCallback(), snapshot])
         trainer.remove_callback(PrinterCallback)  # the rounds are logged below, not as Trainer runs
         trainer.train()
+        trainer.accelerator.free_memory()  # the round's optimizer state and DDP wrapper go with it
+        del trainer
         rounds_trained[0] += 1
         return snapshot.state_dict
 

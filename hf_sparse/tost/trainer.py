@@ -25,6 +25,7 @@ back); label smoothing is the paper's alpha / (C - 1) on each wrong class; nothi
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import time
@@ -77,9 +78,15 @@ class ToSTTrainer(SparseTrainer):
     _tag_names = ["hf_sparse", "tost", "weight-sparsity"]
 
     def __init__(self, model=None, args: ToSTTrainingArguments | None = None, **kwargs):
+        if isinstance(args, ToSTTrainingArguments) and model is not None:
+            # The recipe fields left unset take the settings that won for the model's family, in a copy: the
+            # caller's arguments can serve another model (another family) unchanged.
+            self.family = model_family(model)
+            args = copy.copy(args)
+            single_label = getattr(getattr(model, "config", None), "problem_type", None) in (
+                None, "single_label_classification")
+            args.apply_family_recipe(self.family, single_label=single_label)
         super().__init__(model=model, args=args, **kwargs)
-        self.family = model_family(self.unwrapped_model)
-        args.apply_family_recipe(self.family)  # the recipe fields left unset: the settings that won for the family
         if getattr(self, "is_fsdp_enabled", False):
             raise ValueError(
                 "ToSTTrainer does not support FSDP: weight masks need whole, unsharded parameters. Use DDP "
@@ -170,22 +177,19 @@ class ToSTTrainer(SparseTrainer):
                                                     is_main_process=self.is_world_process_zero())
             else:
                 setup["mask_source"] = "computed"
-                self.mask_metadata = compute_masks_for(model, args, self.scoring_batches(self._data_seed()))
+                self.mask_metadata = compute_masks_for(model, args, self.scoring_batches(self.args.mask_data_seed))
             setup["mask_seconds"] = time.perf_counter() - start
             setup["masks_identical_across_ranks"] = sync_masks(model, self.accelerator)
 
             start = time.perf_counter()
             self.gradinit_report, done = rescale_initialisation(
-                model, args, self.scoring_batches(self._data_seed() + 1), total_steps
+                model, args, self.scoring_batches(self.args.mask_data_seed + 1), total_steps
             )
             setup.update(done)
             broadcast_parameters(model, self.accelerator)
             setup["rescaled_init_seconds"] = time.perf_counter() - start
         self.sparsity_setup = {**setup, **self._record_sparsity(model)}
         return self.sparsity_setup
-
-    def _data_seed(self) -> int:
-        return self.args.mask_seed if self.args.mask_seed is not None else self.args.seed
 
     @contextlib.contextmanager
     def _preserved_rng(self):
@@ -238,7 +242,8 @@ class ToSTTrainer(SparseTrainer):
     def _record_sparsity(self, model: torch.nn.Module, log_layers: bool = True) -> dict[str, Any]:
         """Note the mask and recipe in the metadata and `config.weight_sparsity`; return the measured sparsity."""
         masks = get_masks(model)
-        target = self.mask_metadata.get("target_sparsity", self.args.sparsity)
+        provided = self.mask_metadata.get("method") == "provided"
+        target = self.mask_metadata.get("target_sparsity", None if provided else self.args.sparsity)
         self.mask_metadata.setdefault("target_sparsity", target)
         args = self.args
         self.mask_metadata["tost"] = {
@@ -302,7 +307,7 @@ class ToSTTrainer(SparseTrainer):
             "mask method": self.mask_metadata.get("method", args.mask_method),
             "ghost soft neurons": args.ghost_soft_neurons,
             "ghost skip connections": args.ghost_skip_connections,
-            "ghosts removed after": f"{args.ghost_end_fraction:g} of training",
+            **({"ghosts removed after": f"{args.ghost_end_fraction:g} of training"} if args.uses_ghosts else {}),
             "rescaled init": args.rescaled_init,
             "label smoothing (alpha / (C-1) per wrong class)": args.label_smoothing,
         }

@@ -117,11 +117,8 @@ class SparseTrainer(Trainer):
         """Training examples seen so far (None when the method does not count them)."""
         return None
 
-    def _hub_repo_id(self, model_name: str | None = None) -> str | None:
-        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
-        if repo_id is None and model_name:
-            return model_name
-        return repo_id
+    def _hub_repo_id(self) -> str | None:
+        return getattr(self, "hub_model_id", None) or self.args.hub_model_id
 
     def write_model_card(self, directory: str, **report_fields: Any) -> None:
         """Write `hf_sparse_report.json` and the model card (README.md) into `directory`; a failure is logged, never

@@ -66,7 +66,18 @@ class TriLevelTrainer(SparseTrainer):
                 "`SparseViTForImageClassification.from_vit(model)`, or set both ratios to 1.0 (example pruning alone "
                 "works with any classifier)."
             )
-        self._records_cls_variance = "output_cls_attention_variance" in inspect.signature(unwrapped.forward).parameters
+        # Only forgetting's tie-break reads the CLS-attention variance: the other methods do not pay for it.
+        self._records_cls_variance = (
+            args.example_pruning == "forgetting" and args.example_tie_break == "cls_attention_variance"
+            and "output_cls_attention_variance" in inspect.signature(unwrapped.forward).parameters
+        )
+        if args.example_pruning == "forgetting" and args.example_tie_break == "cls_attention_variance" and not (
+                self._records_cls_variance):
+            logger.warning("TriLevelTrainer: %s returns no CLS-attention variance; forgetting ties are broken at "
+                           "random.", type(unwrapped).__name__)
+        if self.compute_loss_func is not None and args.example_pruning != "none":
+            logger.warning("TriLevelTrainer: with `compute_loss_func`, no per-example statistics are recorded, so "
+                           "example pruning (%s) cannot score examples.", args.example_pruning)
         self.example_pruner: ExamplePruner | None = None
         self._resume_pruning_from: str | None = None
         self._samples_seen = 0
@@ -122,9 +133,15 @@ class TriLevelTrainer(SparseTrainer):
         )
         return ExamplePruningSampler(self.example_pruner)
 
-    def set_initial_training_values(self, args, dataloader):
-        values = super().set_initial_training_values(args, dataloader)
-        self.example_pruner.plan_run(values[0])  # num_train_epochs
+    def num_examples(self, dataloader) -> int:
+        # An epoch trains the active examples only (the Trainer's samples/s and sample counts follow).
+        if self.example_pruner is not None and isinstance(getattr(dataloader, "dataset", None), IndexedDataset):
+            return self.example_pruner.epoch_size
+        return super().num_examples(dataloader)
+
+    def set_initial_training_values(self, *args, **kwargs):
+        values = super().set_initial_training_values(*args, **kwargs)
+        self.example_pruner.plan_run(values[0])  # num_train_epochs, the Trainer's own count (transformers 5.x)
         if self._resume_pruning_from is not None:
             try:
                 self.example_pruner.load(self._resume_pruning_from)
@@ -133,6 +150,7 @@ class TriLevelTrainer(SparseTrainer):
                     f"Cannot resume from {self._resume_pruning_from}: its example-pruning state does not fit this run "
                     f"({error}). {RESUME_HINT} Resume with the arguments and data of the run that wrote it."
                 ) from error
+            self._samples_seen = self.example_pruner.samples_recorded
         return values
 
     def _prepare_training(self, resume_from_checkpoint: str | None) -> None:
@@ -150,9 +168,7 @@ class TriLevelTrainer(SparseTrainer):
         if (example_index is None or not model.training or self.example_pruner is None or "labels" not in inputs
                 or self.compute_loss_func is not None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        extra = {}
-        if self._records_cls_variance and self.args.example_tie_break == "cls_attention_variance":
-            extra["output_cls_attention_variance"] = True
+        extra = {"output_cls_attention_variance": True} if self._records_cls_variance else {}
         labels = inputs["labels"]
         per_example, outputs = self.classification_loss(model, inputs, **extra)
         weights = self.example_pruner.loss_weights(example_index.cpu()).to(per_example.device)

@@ -2,7 +2,7 @@
 
 Typical use::
 
-    from hf_sparse.sparsity.masks import MaskConfig, prune_model, reapply
+    from hf_sparse.tost.masks import MaskConfig, prune_model, reapply
 
     masks = prune_model(model, MaskConfig(method="snip", sparsity=0.9), batches=train_batches)
     ...  # after every optimizer step:

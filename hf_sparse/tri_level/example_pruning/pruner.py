@@ -80,6 +80,7 @@ class ExamplePruner:
         self._order = torch.empty(0, dtype=torch.long)
         self._weights: torch.Tensor | None = None  # per-example loss weights of the current epoch
         self.num_epochs: int | None = None  # the run's length, once planned (see plan_run)
+        self.samples_recorded = 0  # presentations recorded over the run (all ranks)
 
     # ---- planning -------------------------------------------------------------------------------
     @property
@@ -194,6 +195,7 @@ class ExamplePruner:
             )
         if count == 0:
             return
+        self.samples_recorded += count
         if int(indices.min()) < 0 or int(indices.max()) >= self.num_examples:
             raise ValueError(f"record(): indices must lie in [0, {self.num_examples}).")
         unique, inverse = torch.unique(indices, return_inverse=True)
@@ -258,6 +260,7 @@ class ExamplePruner:
             "epoch_size": self._epoch_size,
             "seed": self.seed,
             "epoch": self._epoch,
+            "samples_recorded": self.samples_recorded,
             "last_correct": self.last_correct.clone(),
             "forgetting_count": self.forgetting_count.clone(),
             "ever_correct": self.ever_correct.clone(),
@@ -300,6 +303,7 @@ class ExamplePruner:
         if order.numel() != (self._epoch_size if epoch >= 0 else 0):
             raise ValueError(f"state_dict['epoch_order'] has {order.numel()} entries for epoch {epoch}.")
         weights = state_dict.get("epoch_weights")
+        self.samples_recorded = int(state_dict.get("samples_recorded", 0))
         self._epoch, self._order = epoch, order
         self._weights = None if weights is None else torch.as_tensor(weights).to(torch.float32).clone()
 
