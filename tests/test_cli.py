@@ -31,7 +31,8 @@ def test_demo_trains_both_models_and_writes_the_table_plots_and_model(tmp_path, 
     results = json.loads((output / "results.json").read_text())
     dense, matched, tri = results["runs"]
     assert [run["role"] for run in results["runs"]] == ["dense", "dense_budget_matched", "tri_level"]
-    assert dense["images_trained"] == 512 and tri["images_trained"] == 512 - round(0.3 * 512)  # InfoBatch-like 0.3
+    assert dense["images_trained"] == 512 and tri["images_trained"] == 512  # the default: token pruning alone
+    assert "Tri-Level SparseViT (tokens 0.5)" in printed
     assert len(dense["curve"]) == 2 and len(tri["curve"]) == 2
     # the budget-matched run is its own, shorter run, its schedule fully decayed
     assert 0 < matched["steps"] < dense["steps"] and matched["final_learning_rate"] == pytest.approx(0.0, abs=1e-12)
@@ -47,11 +48,12 @@ def test_demo_trains_both_models_and_writes_the_table_plots_and_model(tmp_path, 
 @needs_fashion_mnist
 def test_bench_e2e_measures_the_protocol_over_seeds(tmp_path):
     path = tmp_path / "e2e.json"
-    cli_main([
+    command = [
         "bench", "e2e", "--output_dir", str(tmp_path), "--variants", "tokens_0.7", "--seeds", "1", "2",
         "--max_train_samples", "256", "--max_eval_samples", "128", "--epochs", "2", "--evaluations", "4",
         "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--json", str(path),
-    ])
+    ]
+    cli_main(command)
     result = json.loads(path.read_text())
     rows = result["rows"]
     assert [row["variant"] for row in rows] == ["dense", "tokens_0.7"]
@@ -75,6 +77,11 @@ def test_bench_e2e_measures_the_protocol_over_seeds(tmp_path):
     assert result["calibration"]["dense_steps_per_second"] > 0
     with Image.open(tmp_path / "accuracy_vs_wall_clock.png") as image:
         assert image.size[0] > 300
+    # a rerun with one more seed keeps the finished seeds (same runs, not retrained) and trains only the new one
+    cli_main([*command[:command.index("--seeds") + 1], "1", "2", "3", *command[command.index("--seeds") + 3:]])
+    resumed = json.loads(path.read_text())
+    assert resumed["runs"]["1"] == runs["1"] and resumed["runs"]["2"] == runs["2"] and "3" in resumed["runs"]
+    assert len(resumed["rows"][1]["test_accuracy_per_seed"]) == 3
 
 
 def test_bench_throughput_reports_ratios_against_hf_vit(tmp_path, capsys):

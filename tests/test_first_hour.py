@@ -25,7 +25,8 @@ from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_tra
 
 def arguments(output_dir, **overrides) -> TriLevelTrainingArguments:
     fields = dict(output_dir=str(output_dir), num_train_epochs=1, per_device_train_batch_size=8, report_to=[],
-                  save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1, example_inactive_fraction=0.25,
+                  save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1, example_pruning="forgetting",
+                  example_inactive_fraction=0.25,
                   sparsity_warmup_fraction=0.0, sparsity_decay_fraction=0.0)
     fields.update(overrides)
     return TriLevelTrainingArguments(**fields)

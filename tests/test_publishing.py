@@ -130,7 +130,7 @@ def test_tri_level_trainer_push_to_hub_writes_our_card(hub_server, tmp_path):
     args = TriLevelTrainingArguments(
         output_dir=str(tmp_path / "run"), num_train_epochs=1, per_device_train_batch_size=8, report_to=[],
         save_strategy="no", use_cpu=True, token_keep_ratio=0.5, hub_model_id="user/tri-level-run",
-        example_inactive_fraction=0.25, disable_tqdm=True,
+        example_pruning="forgetting", example_inactive_fraction=0.25, disable_tqdm=True,
     )
     trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data, processing_class=PROCESSOR)
     trainer.train()
@@ -256,7 +256,8 @@ def test_a_failing_card_never_costs_the_weights_or_the_checkpoint(tmp_path, monk
 
     args = TriLevelTrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
-        save_strategy="steps", save_steps=1, example_inactive_fraction=0.25, disable_tqdm=True,
+        save_strategy="steps", save_steps=1, example_pruning="forgetting", example_inactive_fraction=0.25,
+        disable_tqdm=True,
     )
     TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=with_tiny_transform(tiny_image_dataset(32))).train()
     for step in (1, 2):

@@ -18,7 +18,7 @@ from hf_sparse import ToSTTrainer, ToSTTrainingArguments
 from hf_sparse.tost import TOST_MASK_METHODS, GhostActivation, get_masks, read_masks
 from hf_sparse.tost.ghosts import identity_like_feature_map
 
-from tri_level_helpers import tiny_image_dataset, tiny_resnet, with_tiny_transform
+from tri_level_helpers import StopAt, tiny_image_dataset, tiny_resnet, with_tiny_transform
 
 CONVOLUTIONS = {
     "resnet.encoder.stages.0.layers.0.layer.0.convolution",
@@ -153,15 +153,6 @@ def test_saved_model_is_a_plain_transformers_resnet_with_the_zeros(tmp_path, dat
         assert loaded["zeros"][name] >= int((~mask).sum())
     card = (tmp_path / "final" / "README.md").read_text()
     assert "trust_remote_code" not in card and "weight mask method | snip" in card
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_keeps_the_masks_and_matches_an_uninterrupted_run(tmp_path, data):

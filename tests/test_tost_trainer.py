@@ -16,7 +16,7 @@ from hf_sparse.tost import MASKS_FILENAME, GhostActivation, MaskConfig, get_mask
 from hf_sparse.tost.masks import read_masks
 from hf_sparse.tost import TOST_MASK_METHODS, default_rescaled_init_steps, label_smoothing_epsilon
 
-from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
+from tri_level_helpers import StopAt, tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
 
 
 def arguments(output_dir, **overrides) -> ToSTTrainingArguments:
@@ -232,15 +232,6 @@ def test_label_smoothing_is_the_papers_alpha_over_c_minus_one(tmp_path, data):
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         arguments(tmp_path, label_smoothing=0.1, label_smoothing_factor=0.1)
     arguments(tmp_path, label_smoothing=0.0, label_smoothing_factor=0.1)  # HF's own convention alone is fine
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, data):

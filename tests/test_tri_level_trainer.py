@@ -12,7 +12,7 @@ from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
 from hf_sparse import TriLevelTrainer, TriLevelTrainingArguments
 from hf_sparse.tri_level import KeepRatioSchedule, load_example_pruner
 
-from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
+from tri_level_helpers import StopAt, tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
 
 
 def arguments(output_dir, **overrides) -> TriLevelTrainingArguments:
@@ -89,15 +89,6 @@ def test_schedule_shape():
     assert token == pytest.approx(0.7 + 0.3 * 0.5) and attention == pytest.approx(0.4 + 0.6 * 0.5)
     assert schedule.ratios(0.6, 0.7, 0.4) == pytest.approx((0.7, 0.4))
     assert schedule.ratios(1.0, 0.7, 0.4) == pytest.approx((0.7, 0.4))
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("method", ["forgetting", "infobatch"])

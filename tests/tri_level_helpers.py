@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import torch
 
-from transformers import ResNetConfig, ResNetForImageClassification
+from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback
 
 from hf_sparse import SparseViTConfig, SparseViTForImageClassification
 from hf_sparse.data import build_image_transforms
@@ -62,3 +62,14 @@ def tiny_resnet(seed: int = 0, **overrides) -> ResNetForImageClassification:
     fields.update(overrides)
     torch.manual_seed(seed)
     return ResNetForImageClassification(ResNetConfig(**fields))
+
+
+class StopAt(TrainerCallback):
+    """Stops training at `step` (the stop-and-resume tests)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

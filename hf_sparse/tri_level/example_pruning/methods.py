@@ -53,6 +53,10 @@ class ForgettingExamplePruner(ExamplePruner):
     inactive pool as it held before the swap (the ones just removed are excluded). The window
     statistics are then reset.
 
+    ``refresh_epochs`` defaults to none (a fixed random active set, the pruner used alone); pass ``None`` to plan
+    them from ``refresh_period_fraction`` / ``refresh_last_fraction`` once the run's length is known, which is what
+    `TriLevelTrainer` does.
+
     Choices (the paper leaves them open): active examples not presented since the last refresh are
     never removed (their score is unknown); ``last_correct`` survives a refresh, so a transition
     between the last presentation before and the first after a refresh still counts (with refresh
