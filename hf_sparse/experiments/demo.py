@@ -35,10 +35,11 @@ class DemoArguments:
     token_keep_ratio: float = field(default=0.5, metadata={"help": "Tri-Level level 2 (final ratio)."})
     attention_keep_ratio: float = field(default=1.0, metadata={"help": "Tri-Level level 3 (final ratio)."})
     max_train_samples: int | None = field(
-        default=30_000, metadata={"help": "Train on a seeded subset (0: all 60,000): sized so the job fits 15 min."}
+        default=30_000,
+        metadata={"help": "Train on a seeded subset (0: all 60,000): sized so the job takes about 10 min."},
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
-    seed: int = field(default=42, metadata={"help": "Initial weights and data order of both runs."})
+    seed: int = field(default=42, metadata={"help": "Initial weights and data order of the three runs."})
 
     def __post_init__(self):
         if self.evaluations < 1:
@@ -101,8 +102,8 @@ def main(args: DemoArguments, model_args: ModelArguments) -> list[RunResult]:
         seed=args.seed,
     )
     fields = training_fields(args.output_dir, args.epochs, args.batch_size, args.seed, args.evaluations)
-    variant = Variant(f"Tri-Level SparseViT ({describe_levels(args)})", args.example_pruning, args.token_keep_ratio, args.attention_keep_ratio,
-                      args.example_inactive_fraction)
+    variant = Variant(f"Tri-Level SparseViT ({describe_levels(args)})", args.example_pruning, args.token_keep_ratio,
+                      args.attention_keep_ratio, args.example_inactive_fraction)
 
     dense, dense_trainer = train_dense(data, model_args, args.seed, fields, name="dense ViT")
     tri, tri_trainer = train_tri_level(data, model_args, args.seed, fields, variant)
