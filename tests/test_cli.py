@@ -82,6 +82,10 @@ def test_bench_e2e_measures_the_protocol_over_seeds(tmp_path):
     resumed = json.loads(path.read_text())
     assert resumed["runs"]["1"] == runs["1"] and resumed["runs"]["2"] == runs["2"] and "3" in resumed["runs"]
     assert len(resumed["rows"][1]["test_accuracy_per_seed"]) == 3
+    # a JSON written with other settings is refused before any training, naming what differs
+    with pytest.raises(ValueError, match=r"other settings.*arguments\.epochs"):
+        cli_main([*command[:command.index("--epochs") + 1], "1", *command[command.index("--epochs") + 2:]])
+    assert json.loads(path.read_text()) == resumed
 
 
 def test_bench_throughput_reports_ratios_against_hf_vit(tmp_path, capsys):

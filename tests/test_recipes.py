@@ -54,11 +54,30 @@ def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, confi
 
 def test_bench_tost_writes_vanilla_and_recipe_rows(tmp_path, capsys):
     cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla", "full",
+              "ghost_skips+label_smoothing",
               "--seeds", "42", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1",
               "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
               "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(tmp_path)])
     rows = json.loads((tmp_path / "bench_tost.json").read_text())["rows"]
     assert {(row["family"], row["method"], row["technique"]) for row in rows} == {
-        (family, "magnitude", technique) for family in ("resnet", "sparse_vit") for technique in ("vanilla", "full")}
+        (family, "magnitude", technique) for family in ("resnet", "sparse_vit")
+        for technique in ("vanilla", "full", "ghost_skips+label_smoothing")}
     assert all(abs(row["mask_sparsity"] - 0.5) <= 0.005 for row in rows)
     assert "vs vanilla" in capsys.readouterr().out
+
+
+def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
+    from hf_sparse.experiments.bench_tost import FAMILIES, VANILLA, ToSTBenchArguments, technique_arguments
+
+    resnet = FAMILIES["resnet"]
+    # each part switches on its own technique at the value it has alone; the rest stays vanilla
+    assert technique_arguments("ghost_skips+label_smoothing", resnet) == {
+        **VANILLA, "ghost_skip_connections": True, "label_smoothing": 0.1}
+    assert technique_arguments("ghost_neurons+density_init", resnet) == {
+        **VANILLA, "ghost_soft_neurons": True, "rescaled_init": "density"}
+    assert technique_arguments("paper", resnet) == {"ghost_soft_neurons": True, "ghost_skip_connections": True,
+                                                    "rescaled_init": "gradinit", "label_smoothing": 0.1}
+    for bad, message in [("ghost_skips+ghost_skips", "distinct"), ("full+ghost_skips", "neither"),
+                         ("gradinit+density_init", "one rescaled"), ("skips", "neither")]:
+        with pytest.raises(ValueError, match=message):
+            ToSTBenchArguments(techniques=[bad])

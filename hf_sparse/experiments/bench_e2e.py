@@ -79,7 +79,9 @@ class E2EArguments:
     batch_size: int = field(default=128, metadata={"help": "Training batch size."})
     evaluations: int = field(default=6, metadata={"help": "Test-set evaluations per run (curves, time to accuracy)."})
     data_seed: int = field(default=42, metadata={"help": "Picks the training subset."})
-    json: str | None = field(default=None, metadata={"help": "Results file (default <output_dir>/bench_e2e.json)."})
+    json: str | None = field(default=None, metadata={"help": "Results file (default <output_dir>/bench_e2e.json); "
+                                                       "resumed: seeds already there are kept."})
+    fresh: bool = field(default=False, metadata={"help": "Ignore (overwrite) seeds already in the JSON."})
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -215,14 +217,22 @@ def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]
 
 
 def finished_seeds(path: str, args: E2EArguments, model_args: ModelArguments) -> dict[int, dict[str, Any]]:
-    """The seeds a previous run with the same settings (all but the seed list) finished, read back from its JSON."""
-    if not os.path.isfile(path):
+    """The seeds a previous run with the same settings (all but the seed list) finished, read back from its JSON; a
+    JSON written with other settings is an error (`--fresh` overwrites it), never silently replaced."""
+    if args.fresh or not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as handle:
         previous = json.load(handle)
-    same = {**previous.get("arguments", {}), "seeds": None} == {**json.loads(json.dumps(asdict(args))), "seeds": None}
-    if not same or previous.get("model") != json.loads(json.dumps(asdict(model_args))):
-        return {}  # other settings: start again (the file is overwritten after the first seed)
+    ignored = ("seeds", "fresh", "output_dir", "json")  # what does not change a result
+    settings = {"arguments": {k: v for k, v in json.loads(json.dumps(asdict(args))).items() if k not in ignored},
+                "model": json.loads(json.dumps(asdict(model_args)))}
+    held = {"arguments": {k: v for k, v in previous.get("arguments", {}).items() if k not in ignored},
+            "model": previous.get("model")}
+    if held != settings:
+        differ = sorted(f"{group}.{key}" for group in settings for key in set(settings[group]) | set(held[group] or {})
+                        if (held[group] or {}).get(key) != settings[group].get(key))
+        raise ValueError(f"{path} holds results for other settings (they differ in {', '.join(differ)}). Use another "
+                         "--json/--output_dir, or --fresh to overwrite.")
 
     def run(value: dict[str, Any] | None) -> RunResult | None:
         return None if value is None else RunResult(**value)

@@ -5,6 +5,8 @@ sparsity, trains the same model (same initial weights, mask, data order, budget 
 sparse training and with the full ToST recipe over `--seeds`, and with each technique alone over the first
 `--technique_seeds` of them; then prints test accuracy (mean and standard deviation over seeds), the change against
 vanilla paired by seed, the wall-clock overhead against vanilla, and how many (mask, sparsity) pairs the recipe wins.
+`--techniques` also takes "paper" (all four techniques, GradInit, label smoothing 0.1) and single techniques joined by
+"+" ("ghost_skips+label_smoothing"), for ablations and for finding a family's recipe.
 
 Each family trains with an optimizer and schedule suited to it (`FAMILIES`: SGD with momentum 0.9 at lr 0.1 for the
 ResNet, as in the paper; AdamW for the ViT), cosine decay to zero, on a seeded subset of Fashion-MNIST sized so that
@@ -47,13 +49,35 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "density_init": {**VANILLA, "rescaled_init": "density"},
 }
 PAPER_VALUES = {"rescaled_init": "gradinit", "label_smoothing": 0.1}
+# the paper's recipe as published: all four techniques, GradInit and label smoothing 0.1
+TECHNIQUES["paper"] = {"ghost_soft_neurons": True, "ghost_skip_connections": True, **PAPER_VALUES}
+COMBINABLE = ("ghost_neurons", "ghost_skips", "rescaled_init", "label_smoothing", "gradinit", "density_init")
+
+
+def check_technique(technique: str) -> None:
+    """A variant is a name of `TECHNIQUES` or single techniques joined by "+" (e.g. "ghost_skips+label_smoothing")."""
+    if technique in TECHNIQUES:
+        return
+    parts = technique.split("+")
+    if len(parts) < 2 or any(part not in COMBINABLE for part in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"`techniques`: {technique!r} is neither one of {list(TECHNIQUES)} nor distinct single "
+                         f"techniques joined by '+' (from {list(COMBINABLE)}).")
+    scales = [part for part in parts if part in ("rescaled_init", "gradinit", "density_init")]
+    if len(scales) > 1:
+        raise ValueError(f"`techniques`: {technique!r} combines {scales}; a run has one rescaled initialisation.")
 
 
 def technique_arguments(technique: str, family: Family) -> dict[str, Any]:
     """The `ToSTTrainingArguments` of a variant: "family" means the family recipe's value, or the paper's when the
-    recipe leaves that technique off."""
+    recipe leaves that technique off; "a+b" is vanilla with each part's technique switched on."""
+    check_technique(technique)
     recipe = FAMILY_RECIPES["vit" if family.model_type == "sparse_vit" else "cnn"]
-    values = dict(TECHNIQUES[technique])
+    if technique in TECHNIQUES:
+        values = dict(TECHNIQUES[technique])
+    else:
+        values = dict(VANILLA)
+        for part in technique.split("+"):
+            values.update({name: value for name, value in TECHNIQUES[part].items() if value != VANILLA[name]})
     for name, value in values.items():
         if value == "family":
             values[name] = recipe[name] if recipe[name] not in ("none", 0.0) else PAPER_VALUES[name]
@@ -96,9 +120,9 @@ class ToSTBenchArguments:
                                metadata={"help": "Mask methods.", "choices": list(TOST_MASK_METHODS)})
     sparsities: list[float] = field(default_factory=lambda: [0.9, 0.95],
                                     metadata={"help": "Fractions of pruned weights, each in [0, 1)."})
-    techniques: list[str] = field(default_factory=lambda: ["full", *SINGLE_TECHNIQUES],
-                                  metadata={"help": "Variants besides vanilla (always run: the reference).",
-                                            "choices": list(TECHNIQUES)})
+    techniques: list[str] = field(default_factory=lambda: ["full", *SINGLE_TECHNIQUES], metadata={
+        "help": f"Variants besides vanilla (always run: the reference): {list(TECHNIQUES)}, or single techniques "
+                "joined by '+' (e.g. ghost_skips+label_smoothing)."})
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={
         "help": "Seeds of vanilla and the full recipe (initial weights, mask, data order); deltas are paired by seed."})
     technique_seeds: int = field(default=1, metadata={"help": "How many of the seeds each single technique runs."})
@@ -119,6 +143,8 @@ class ToSTBenchArguments:
             raise ValueError(f"`sparsities` must be fractions in [0, 1), got {self.sparsities}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct integers, got {self.seeds}.")
+        for technique in self.techniques:
+            check_technique(technique)
         if not 0 <= self.technique_seeds <= len(self.seeds):
             raise ValueError(f"`technique_seeds` must be in [0, {len(self.seeds)}], got {self.technique_seeds}.")
 

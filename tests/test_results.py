@@ -1,0 +1,34 @@
+"""The benchmark results committed under recipes/results (the README's ToST tables come from them) are what the
+benchmark writes: their summary tables recompute from their rows, every mask reached its sparsity, and the "full"
+rows were measured with the recipes `ToSTTrainingArguments` defaults to today."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_sparse.experiments.bench_tost import check_technique, summarize
+from hf_sparse.tost.arguments import FAMILY_RECIPES
+
+
+RESULTS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "results").glob("bench_tost_*.json"))
+
+
+def test_results_are_committed():
+    assert {path.name for path in RESULTS} >= {"bench_tost_sparse_vit.json", "bench_tost_resnet_screening.json"}
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda path: path.name)
+def test_committed_tost_results_match_their_rows_and_todays_recipes(path):
+    results = json.loads(path.read_text())
+    rows = results["rows"]
+    assert rows and results["settings"]["recipes"] == json.loads(json.dumps(FAMILY_RECIPES))
+    for row in rows:
+        check_technique(row["technique"])
+        assert abs(row["mask_sparsity"] - row["sparsity"]) <= 0.005, row
+        assert 0.0 < row["test_accuracy"] <= 1.0 and row["train_seconds"] > 0
+    keys = [(row["family"], row["method"], row["sparsity"], row["technique"], row["seed"]) for row in rows]
+    assert len(keys) == len(set(keys)), "a run appears twice"
+    assert json.loads(json.dumps(summarize(rows, results["mask_seconds"]))) == results["table"]
