@@ -52,18 +52,45 @@ def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, confi
         assert saved["hidden_size"] == 32  # the overrides won over the YAML
 
 
-def test_bench_tost_writes_vanilla_and_recipe_rows(tmp_path, capsys):
-    cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla", "full",
-              "ghost_skips+label_smoothing",
-              "--seeds", "42", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1",
-              "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
-              "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(tmp_path)])
+def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_path, capsys):
+    command = ["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla", "full",
+               "ghost_skips+label_smoothing",
+               "--seeds", "42", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1",
+               "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+               "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(tmp_path)]
+    cli_main(command)
     rows = json.loads((tmp_path / "bench_tost.json").read_text())["rows"]
     assert {(row["family"], row["method"], row["technique"]) for row in rows} == {
         (family, "magnitude", technique) for family in ("resnet", "sparse_vit")
         for technique in ("vanilla", "full", "ghost_skips+label_smoothing")}
     assert all(abs(row["mask_sparsity"] - 0.5) <= 0.005 for row in rows)
     assert "vs vanilla" in capsys.readouterr().out
+
+    # another seed run on its own (as side by side) merges into the first JSON; nothing is trained again
+    small = command[command.index("--max_train_samples"):]
+    other = tmp_path / "seed43.json"
+    cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla",
+              "--seeds", "43", *small, "--json", str(other)])
+    capsys.readouterr()
+    cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla",
+              "--seeds", "42", "43", *small, "--merge", str(other)])
+    out = capsys.readouterr().out
+    assert "===" not in out  # every row of the grid came from the two JSONs
+    merged = json.loads((tmp_path / "bench_tost.json").read_text())
+    assert len(merged["rows"]) == len(rows) + 2
+    assert {(row["family"], row["seed"]) for row in merged["rows"] if row["technique"] == "vanilla"} == {
+        (family, seed) for family in ("resnet", "sparse_vit") for seed in (42, 43)}
+    assert {key.rsplit("/", 1)[1] for key in merged["mask_seconds"]} == {"42", "43"}
+    vanilla = [row for row in merged["table"] if row["technique"] == "vanilla"]
+    assert all(row["seeds"] == [42, 43] for row in vanilla)
+    # a JSON written with other settings is refused, naming what differs
+    held = json.loads(other.read_text())
+    held["settings"]["batch_size"] = 64
+    other.write_text(json.dumps(held))
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--seeds", "42", *small,
+                  "--merge", str(other)])
+    assert "differ in batch_size" in capsys.readouterr().err
 
 
 def test_bench_tost_combines_single_techniques_and_refuses_bad_names():

@@ -23,7 +23,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .common import DataArguments, ModelArguments, prepare_data, training_fields, with_defaults_from, write_json
+from .common import DataArguments, ModelArguments, load_resumable, prepare_data, training_fields, with_defaults_from
+from .common import write_json
 from .plots import plot_pareto
 from .runs import (
     TOLERANCE,
@@ -219,20 +220,13 @@ def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]
 def finished_seeds(path: str, args: E2EArguments, model_args: ModelArguments) -> dict[int, dict[str, Any]]:
     """The seeds a previous run with the same settings (all but the seed list) finished, read back from its JSON; a
     JSON written with other settings is an error (`--fresh` overwrites it), never silently replaced."""
-    if args.fresh or not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        previous = json.load(handle)
     ignored = ("seeds", "fresh", "output_dir", "json")  # what does not change a result
-    settings = {"arguments": {k: v for k, v in json.loads(json.dumps(asdict(args))).items() if k not in ignored},
-                "model": json.loads(json.dumps(asdict(model_args)))}
-    held = {"arguments": {k: v for k, v in previous.get("arguments", {}).items() if k not in ignored},
-            "model": previous.get("model")}
-    if held != settings:
-        differ = sorted(f"{group}.{key}" for group in settings for key in set(settings[group]) | set(held[group] or {})
-                        if (held[group] or {}).get(key) != settings[group].get(key))
-        raise ValueError(f"{path} holds results for other settings (they differ in {', '.join(differ)}). Use another "
-                         "--json/--output_dir, or --fresh to overwrite.")
+    settings = {"arguments": {k: v for k, v in asdict(args).items() if k not in ignored}, "model": asdict(model_args)}
+    previous = load_resumable(path, settings, args.fresh, settings_of=lambda results: {
+        "arguments": {k: v for k, v in results.get("arguments", {}).items() if k not in ignored},
+        "model": results.get("model")})
+    if previous is None:
+        return {}
 
     def run(value: dict[str, Any] | None) -> RunResult | None:
         return None if value is None else RunResult(**value)

@@ -33,7 +33,7 @@ from typing import Any
 from ..tost import TOST_MASK_METHODS, ToSTTrainer, ToSTTrainingArguments, save_masks
 from ..tost.arguments import FAMILY_RECIPES
 from .common import DataArguments, ModelArguments, TrainingClockCallback, build_model, compute_accuracy
-from .common import prepare_data, training_fields, with_defaults_from, write_json
+from .common import load_resumable, prepare_data, training_fields, with_defaults_from, write_json
 
 
 VANILLA = dict(ghost_soft_neurons=False, ghost_skip_connections=False, rescaled_init="none", label_smoothing=0.0)
@@ -137,6 +137,9 @@ class ToSTBenchArguments:
     mask_scope: str = field(default="layer", metadata={"help": "Mask thresholds.", "choices": ["layer", "global"]})
     lottery_ticket_round_fraction: float = field(default=0.1, metadata={"help": "Steps of each IMP round."})
     fresh: bool = field(default=False, metadata={"help": "Ignore (overwrite) rows already in the JSON."})
+    merge: list[str] = field(default_factory=list, metadata={
+        "help": "Results JSONs of other runs with the same settings (e.g. seeds run side by side) whose rows join "
+                "this one's before the grid runs; a row already in --json is kept."})
 
     def __post_init__(self):
         if not self.sparsities or any(not 0.0 <= value < 1.0 for value in self.sparsities):
@@ -197,17 +200,20 @@ def _settings(args: ToSTBenchArguments, model_args: ModelArguments) -> dict[str,
     }
 
 
-def _load(path: Path, settings: dict[str, Any], fresh: bool) -> dict[str, Any]:
-    if fresh or not path.is_file():
-        return {"settings": settings, "rows": [], "mask_seconds": {}}
-    with open(path, encoding="utf-8") as handle:
-        results = json.load(handle)
-    if results.get("settings") != settings:
-        raise ValueError(
-            f"{path} holds results for other settings {results.get('settings')}; this run has {settings}. "
-            "Use another --json/--output_dir, or --fresh to overwrite."
-        )
-    return results
+def merge_results(results: dict[str, Any], done: set[str], paths: list[str]) -> None:
+    """Add to `results` the rows (and mask times) of other runs' JSONs with the same settings, skipping rows it
+    already holds; `done` gains their keys."""
+    for other_path in paths:
+        other = load_resumable(other_path, results["settings"], fresh=False)
+        if other is None:
+            raise ValueError(f"`merge`: {other_path} is not a file.")
+        for row in other["rows"]:
+            key = _key(row["family"], row["method"], row["sparsity"], row["technique"], row["seed"])
+            if key not in done:
+                results["rows"].append(row)
+                done.add(key)
+        for key, seconds in other.get("mask_seconds", {}).items():
+            results["mask_seconds"].setdefault(key, seconds)
 
 
 def masks_folder(args: ToSTBenchArguments, model_args: ModelArguments) -> Path:
@@ -331,12 +337,17 @@ def format_table(summary: list[dict[str, Any]]) -> str:
 def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str, Any]]:
     os.makedirs(args.output_dir, exist_ok=True)
     path = Path(args.json or os.path.join(args.output_dir, "bench_tost.json"))
-    results = _load(path, _settings(args, model_args), args.fresh)
+    results = load_resumable(path, _settings(args, model_args), args.fresh) or {
+        "settings": _settings(args, model_args), "rows": [], "mask_seconds": {}}
     masks = masks_folder(args, model_args)
     if args.fresh:
         for stale in masks.glob("*.safetensors"):
             stale.unlink()  # a fresh run computes its masks again
     done = {_key(r["family"], r["method"], r["sparsity"], r["technique"], r["seed"]) for r in results["rows"]}
+    if args.merge:
+        merge_results(results, done, args.merge)
+        results["table"] = summarize(results["rows"], results["mask_seconds"])
+        write_json(path, results)
     grid = plan_grid(args)
     selected = {_key(*cell) for cell in grid}
     data = {}

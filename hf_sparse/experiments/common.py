@@ -317,6 +317,29 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     os.replace(temporary, path)
 
 
+def differing_settings(held: Any, settings: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries where two JSON-like settings differ ("families.resnet.epochs")."""
+    if isinstance(held, dict) and isinstance(settings, dict):
+        return [name for key in sorted(set(held) | set(settings), key=str)
+                for name in differing_settings(held.get(key), settings.get(key), f"{prefix}{key}.")]
+    return [] if held == settings else [prefix.rstrip(".") or "settings"]
+
+
+def load_resumable(path: str | os.PathLike, settings: dict[str, Any], fresh: bool,
+                   settings_of=lambda results: results.get("settings")) -> dict[str, Any] | None:
+    """The results a previous run wrote to `path`, to resume from (None when there are none, or with `fresh`). A JSON
+    written with other settings is an error naming what differs, never silently mixed in or replaced."""
+    if fresh or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    differ = differing_settings(settings_of(results), json.loads(json.dumps(settings)))
+    if differ:
+        raise ValueError(f"{path} holds results for other settings (they differ in {', '.join(differ)}). Use another "
+                         "--json/--output_dir, or --fresh to overwrite.")
+    return results
+
+
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them."""
     argv = list(sys.argv[1:] if argv is None else argv)
