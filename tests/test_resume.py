@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_sparse.trainers.base import TrainingTimeCallback
 from hf_sparse.trainers.checkpoints import checkpoint_problems, resolve_resume_checkpoint
 
 from resume_cases import TOTAL_STEPS, build_trainer, final_state
@@ -60,6 +61,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, name):
                 torch.testing.assert_close(actual["weights"][parameter], value, atol=1e-5, rtol=1e-4, msg=parameter)
         else:
             assert torch.equal(actual[key], expected[key]), key
+    # the card's training time counts the killed run up to its checkpoint as well as the resumed one
+    before = TrainingTimeCallback.seconds_in_checkpoint(str(tmp_path / "killed" / "checkpoint-8"))
+    assert before > 0
+    this_run = resumed.state.log_history[-1]["train_runtime"]
+    train_seconds = resumed.training_report().train_seconds
+    assert train_seconds == pytest.approx(before + this_run, abs=0.5) and train_seconds > this_run + 0.5 * before
 
 
 @pytest.mark.parametrize("broken_file", ["model.safetensors", "example_pruning.safetensors", "trainer_state.json"])

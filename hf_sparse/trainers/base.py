@@ -3,19 +3,59 @@ checks, the per-batch classification loss, and the training report and model car
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..hub import TrainingReport, write_model_card
 from .checkpoints import resolve_resume_checkpoint
 from .data_checks import check_classification_dataset
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingTimeCallback(TrainerCallback, ExportableState):
+    """Training wall-clock summed over a run and the runs it resumed from: the seconds counted up to a checkpoint are
+    saved in its `trainer_state.json` (`stateful_callbacks`) and read back when training resumes from it."""
+
+    def __init__(self, seconds_before_resume: float = 0.0):
+        self.seconds_before_resume = seconds_before_resume
+        self._start: float | None = None
+        self._end: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start, self._end = time.perf_counter(), None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._end = time.perf_counter()
+
+    @property
+    def started(self) -> bool:
+        return self._start is not None
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of training so far (up to the end of `train()`), the resumed-from runs' included."""
+        if self._start is None:
+            return self.seconds_before_resume
+        return self.seconds_before_resume + (self._end or time.perf_counter()) - self._start
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"seconds_before_resume": self.seconds}}
+
+    @classmethod
+    def seconds_in_checkpoint(cls, checkpoint: str) -> float:
+        """The seconds a checkpoint's run had trained when it was written (0 for checkpoints without them)."""
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            stored = json.load(handle).get("stateful_callbacks", {}).get(cls.__name__, {})
+        return float(stored.get("attributes", {}).get("seconds_before_resume", 0.0))
 
 
 class SparseTrainer(Trainer):
@@ -43,6 +83,12 @@ class SparseTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         # The model's own loss is a per-batch mean as well (`loss_is_scaled_for_ga` holds for every path).
         self.model_accepts_loss_kwargs = False
+        self.add_callback(TrainingTimeCallback())
+
+    @property
+    def training_clock(self) -> TrainingTimeCallback:
+        # looked up each time: `restore_callback_states_from_checkpoint` replaces the instance on resume
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TrainingTimeCallback))
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -64,6 +110,8 @@ class SparseTrainer(Trainer):
         if self.train_dataset is not None:
             check_classification_dataset(self.train_dataset, self.unwrapped_model, "train_dataset")
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            self.training_clock.seconds_before_resume = TrainingTimeCallback.seconds_in_checkpoint(resume_from_checkpoint)
         self._prepare_training(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -101,10 +149,12 @@ class SparseTrainer(Trainer):
         history = self.state.log_history
         accuracies = [entry["eval_accuracy"] for entry in history if "eval_accuracy" in entry]
         runtimes = [entry["train_runtime"] for entry in history if "train_runtime" in entry]
+        clock = self.training_clock  # counts across resumes; `train_runtime` only this `train()` call's
+        train_seconds = clock.seconds if clock.started else (runtimes[-1] if runtimes else None)
         report = TrainingReport(
             method=self.method,
             test_accuracy=accuracies[-1] if accuracies else None,
-            train_seconds=runtimes[-1] if runtimes else None,
+            train_seconds=train_seconds,
             images_trained=self.images_trained(),
             settings=self.report_settings(),
         )
