@@ -16,7 +16,8 @@ The mask of a (family, method, sparsity, seed) is computed once, by its vanilla 
 `mask s`, outside the training time), and saved under `<output_dir>/masks/`; every other run of that cell loads it,
 so the runs differ only by the technique. Training time counts the rescaled initialisation (part of the recipe's
 cost) and excludes evaluation. Rows are written to the JSON as they finish and a rerun skips those already there
-(same settings), so the grid survives being stopped. Runs are sequential.
+(same settings), so the grid survives being stopped. Runs are sequential; to use both cores, run parts of the grid
+(seeds, methods) into their own `--json` side by side and join them with `--merge`.
 """
 
 from __future__ import annotations
