@@ -52,7 +52,7 @@ def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, confi
         assert saved["hidden_size"] == 32  # the overrides won over the YAML
 
 
-def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_path, capsys):
+def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_path, capsys, monkeypatch):
     command = ["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla", "full",
                "ghost_skips+label_smoothing",
                "--seeds", "42", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1",
@@ -65,6 +65,8 @@ def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_pat
         for technique in ("vanilla", "full", "ghost_skips+label_smoothing")}
     assert all(abs(row["mask_sparsity"] - 0.5) <= 0.005 for row in rows)
     assert "vs vanilla" in capsys.readouterr().out
+    for family in ("resnet", "sparse_vit"):  # the paired deltas, a plot per family
+        assert (tmp_path / f"paired_deltas_{family}.png").stat().st_size > 0
 
     # another seed run on its own (as side by side) merges into the first JSON; nothing is trained again
     small = command[command.index("--max_train_samples"):]
@@ -72,9 +74,16 @@ def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_pat
     cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla",
               "--seeds", "43", *small, "--json", str(other)])
     capsys.readouterr()
-    cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla",
-              "--seeds", "42", "43", *small, "--merge", str(other)])
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("no backend")
+
+    # a plot that fails is a warning; the merged results are written all the same
+    monkeypatch.setattr("hf_sparse.experiments.bench_tost.plot_paired_deltas", broken_plot)
+    cli_main(["bench", "tost", "--methods", "magnitude", "--sparsities", "0.5", "--techniques", "vanilla", "full",
+              "--seeds", "42", *small, "--merge", str(other)])
     out = capsys.readouterr().out
+    assert "warning: the plot" in out and "no backend" in out
     assert "===" not in out  # every row of the grid came from the two JSONs
     merged = json.loads((tmp_path / "bench_tost.json").read_text())
     assert len(merged["rows"]) == len(rows) + 2
@@ -104,7 +113,13 @@ def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
         **VANILLA, "ghost_soft_neurons": True, "rescaled_init": "density"}
     assert technique_arguments("paper", resnet) == {"ghost_soft_neurons": True, "ghost_skip_connections": True,
                                                     "rescaled_init": "gradinit", "label_smoothing": 0.1}
+    # "field=value" parts set a technique's setting: smoothing on at 0.2, or the ghost skips at alpha 0.5
+    assert technique_arguments("label_smoothing=0.2", resnet) == {**VANILLA, "label_smoothing": 0.2}
+    assert technique_arguments("ghost_skips+label_smoothing+ghost_skip_alpha=0.5", resnet) == {
+        **VANILLA, "ghost_skip_connections": True, "label_smoothing": 0.1, "ghost_skip_alpha": 0.5}
     for bad, message in [("ghost_skips+ghost_skips", "distinct"), ("full+ghost_skips", "neither"),
-                         ("gradinit+density_init", "one rescaled"), ("skips", "neither")]:
+                         ("gradinit+density_init", "one rescaled"), ("skips", "neither"),
+                         ("label_smoothing+label_smoothing=0.2", "distinct"), ("ghost_end_fraction=0", r"\(0, 1\]"),
+                         ("sparsity=0.5", "settable: \\['label_smoothing'"), ("label_smoothing=high", "float")]:
         with pytest.raises(ValueError, match=message):
             ToSTBenchArguments(techniques=[bad])

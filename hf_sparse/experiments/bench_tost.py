@@ -5,8 +5,9 @@ sparsity, trains the same model (same initial weights, mask, data order, budget 
 sparse training and with the full ToST recipe over `--seeds`, and with each technique alone over the first
 `--technique_seeds` of them; then prints test accuracy (mean and standard deviation over seeds), the change against
 vanilla paired by seed, the wall-clock overhead against vanilla, and how many (mask, sparsity) pairs the recipe wins.
-`--techniques` also takes "paper" (all four techniques, GradInit, label smoothing 0.1) and single techniques joined by
-"+" ("ghost_skips+label_smoothing"), for ablations and for finding a family's recipe.
+`--techniques` also takes "paper" (all four techniques, GradInit, label smoothing 0.1), single techniques joined by
+"+" ("ghost_skips+label_smoothing") and settings of the techniques ("label_smoothing=0.2",
+"ghost_neurons+ghost_end_fraction=0.5"), for ablations and for finding a family's recipe.
 
 Each family trains with an optimizer and schedule suited to it (`FAMILIES`: SGD with momentum 0.9 at lr 0.1 for the
 ResNet, as in the paper; AdamW for the ViT), cosine decay to zero, on a seeded subset of Fashion-MNIST sized so that
@@ -33,8 +34,10 @@ from typing import Any
 
 from ..tost import TOST_MASK_METHODS, ToSTTrainer, ToSTTrainingArguments, save_masks
 from ..tost.arguments import FAMILY_RECIPES
+from ..validation import check_fraction, check_positive
 from .common import DataArguments, ModelArguments, TrainingClockCallback, build_model, compute_accuracy
 from .common import load_resumable, prepare_data, training_fields, with_defaults_from, write_json
+from .plots import plot_paired_deltas
 
 
 VANILLA = dict(ghost_soft_neurons=False, ghost_skip_connections=False, rescaled_init="none", label_smoothing=0.0)
@@ -53,32 +56,64 @@ PAPER_VALUES = {"rescaled_init": "gradinit", "label_smoothing": 0.1}
 # the paper's recipe as published: all four techniques, GradInit and label smoothing 0.1
 TECHNIQUES["paper"] = {"ghost_soft_neurons": True, "ghost_skip_connections": True, **PAPER_VALUES}
 COMBINABLE = ("ghost_neurons", "ghost_skips", "rescaled_init", "label_smoothing", "gradinit", "density_init")
+# `ToSTTrainingArguments` fields a variant may set as "field=value" (for tuning a family's recipe)
+SETTABLE: dict[str, Any] = {
+    "label_smoothing": lambda value: check_fraction("label_smoothing", value),
+    "ghost_end_fraction": lambda value: check_fraction("ghost_end_fraction", value, low_inclusive=False,
+                                                       high_inclusive=True),
+    "ghost_skip_alpha": lambda value: check_positive("ghost_skip_alpha", value),
+    "ghost_activation_lambda": lambda value: check_positive("ghost_activation_lambda", value),
+}
+
+
+def _parse_variant(technique: str) -> tuple[list[str], dict[str, float]]:
+    """The single techniques and the "field=value" settings of a variant joined by "+"."""
+    names, values = [], {}
+    for part in technique.split("+"):
+        name, equals, value = part.partition("=")
+        if not equals:
+            names.append(name)
+            continue
+        if name not in SETTABLE:
+            raise ValueError(f"`techniques`: {part!r} in {technique!r} sets {name!r}; settable: {list(SETTABLE)}.")
+        try:
+            values[name] = SETTABLE[name](float(value))
+        except ValueError as error:
+            raise ValueError(f"`techniques`: {part!r} in {technique!r}: {error}") from None
+    return names, values
 
 
 def check_technique(technique: str) -> None:
-    """A variant is a name of `TECHNIQUES` or single techniques joined by "+" (e.g. "ghost_skips+label_smoothing")."""
+    """A variant is a name of `TECHNIQUES`, or single techniques and "field=value" settings joined by "+"
+    ("ghost_skips+label_smoothing", "label_smoothing=0.2", "ghost_neurons+ghost_end_fraction=0.5")."""
     if technique in TECHNIQUES:
         return
-    parts = technique.split("+")
-    if len(parts) < 2 or any(part not in COMBINABLE for part in parts) or len(set(parts)) != len(parts):
+    names, values = _parse_variant(technique)
+    fields = [part.partition("=")[0] for part in technique.split("+")]
+    unknown = [name for name in names if name not in COMBINABLE]
+    if unknown or (len(names) < 2 and not values) or len(set(fields)) != len(fields):
         raise ValueError(f"`techniques`: {technique!r} is neither one of {list(TECHNIQUES)} nor distinct single "
-                         f"techniques joined by '+' (from {list(COMBINABLE)}).")
-    scales = [part for part in parts if part in ("rescaled_init", "gradinit", "density_init")]
+                         f"techniques (from {list(COMBINABLE)}) and field=value settings (from {list(SETTABLE)}) "
+                         "joined by '+'.")
+    scales = [part for part in names if part in ("rescaled_init", "gradinit", "density_init")]
     if len(scales) > 1:
         raise ValueError(f"`techniques`: {technique!r} combines {scales}; a run has one rescaled initialisation.")
 
 
 def technique_arguments(technique: str, family: Family) -> dict[str, Any]:
     """The `ToSTTrainingArguments` of a variant: "family" means the family recipe's value, or the paper's when the
-    recipe leaves that technique off; "a+b" is vanilla with each part's technique switched on."""
+    recipe leaves that technique off; "a+b" is vanilla with each part's technique switched on, and "field=value"
+    sets that field (label_smoothing=0.2 switches smoothing on at 0.2)."""
     check_technique(technique)
-    recipe = FAMILY_RECIPES["vit" if family.model_type == "sparse_vit" else "cnn"]
+    recipe = FAMILY_RECIPES[recipe_family(family)]
     if technique in TECHNIQUES:
         values = dict(TECHNIQUES[technique])
     else:
+        names, settings = _parse_variant(technique)
         values = dict(VANILLA)
-        for part in technique.split("+"):
+        for part in names:
             values.update({name: value for name, value in TECHNIQUES[part].items() if value != VANILLA[name]})
+        values.update(settings)
     for name, value in values.items():
         if value == "family":
             values[name] = recipe[name] if recipe[name] not in ("none", 0.0) else PAPER_VALUES[name]
@@ -102,7 +137,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     # The paper's CNN recipe (SGD, momentum 0.9, lr 0.1), cosine instead of its step decay, weight decay 5e-4.
-    "resnet": Family("resnet", epochs=15, max_train_samples=10_000, learning_rate=0.1,
+    "resnet": Family("resnet", epochs=15, max_train_samples=5_000, learning_rate=0.1,
                      training=dict(optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4, warmup_steps=0)),
     # The demo's ViT recipe (AdamW, weight decay 0.05, 5 % warm-up) on a smaller ViT (hidden 64 x 4 layers).
     "sparse_vit": Family("sparse_vit", epochs=8, max_train_samples=10_000, learning_rate=1e-3,
@@ -123,7 +158,8 @@ class ToSTBenchArguments:
                                     metadata={"help": "Fractions of pruned weights, each in [0, 1)."})
     techniques: list[str] = field(default_factory=lambda: ["full", *SINGLE_TECHNIQUES], metadata={
         "help": f"Variants besides vanilla (always run: the reference): {list(TECHNIQUES)}, or single techniques "
-                "joined by '+' (e.g. ghost_skips+label_smoothing)."})
+                f"and settings of {list(SETTABLE)} joined by '+' (e.g. ghost_skips+label_smoothing, "
+                "label_smoothing=0.2)."})
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={
         "help": "Seeds of vanilla and the full recipe (initial weights, mask, data order); deltas are paired by seed."})
     technique_seeds: int = field(default=1, metadata={"help": "How many of the seeds each single technique runs."})
@@ -165,6 +201,11 @@ class ToSTBenchArguments:
 ARGUMENTS = (ToSTBenchArguments, ModelArguments)
 
 
+def recipe_family(family: Family) -> str:
+    """The `FAMILY_RECIPES` key that `ToSTTrainer` picks for the family's models."""
+    return "vit" if family.model_type == "sparse_vit" else "cnn"
+
+
 def family_model(family: Family, model_args: ModelArguments) -> ModelArguments:
     """The family's model type and sizes, where the command line left `ModelArguments`' defaults."""
     return replace(with_defaults_from(model_args, family.model), model_type=family.model_type)
@@ -197,7 +238,9 @@ def _settings(args: ToSTBenchArguments, model_args: ModelArguments) -> dict[str,
         "batch_size": args.batch_size, "max_eval_samples": args.max_eval_samples, "data_seed": args.data_seed,
         "mask_scope": args.mask_scope, "lottery_ticket_round_fraction": args.lottery_ticket_round_fraction,
         "model": {name: asdict(family_model(args.family(name), model_args)) for name in args.families},
-        "recipes": FAMILY_RECIPES,
+        # only the recipes these families train with: a ResNet grid stays valid when the ViT recipe changes
+        "recipes": {key: FAMILY_RECIPES[key] for key in sorted({recipe_family(args.family(name))
+                                                                for name in args.families})},
     }
 
 
@@ -386,6 +429,17 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         print(f"\n{family_name}: Fashion-MNIST ({family.max_train_samples or 'all'} training images), "
               f"{family.epochs:g} epochs, {args.mask_scope} masks; accuracy mean±std over seeds, 'vs vanilla' the "
               f"mean±std of the paired deltas in points; the full recipe wins {won} of {compared} pairs:")
-        print(format_table([row for row in summary if row["family"] == family_name]))
+        family_rows = [row for row in summary if row["family"] == family_name]
+        print(format_table(family_rows))
+        if not any(row["technique"] != "vanilla" and row["deltas"] for row in family_rows):
+            continue  # vanilla only (e.g. a dense reference): no deltas to plot
+        plot = Path(args.output_dir) / f"paired_deltas_{family_name}.png"
+        try:  # a side artefact: the results are already written
+            plot_paired_deltas(family_rows, str(plot),
+                               f"{family_name}: change against vanilla sparse training (dots: seeds, bars: mean); "
+                               f"the recipe wins {won} of {compared} pairs")
+            print(f"Plot: {plot}")
+        except Exception as error:  # noqa: BLE001
+            print(f"warning: the plot {plot} was not written ({type(error).__name__}: {error})")
     print(f"\nResults: {path}")
     return summary

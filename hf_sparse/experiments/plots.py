@@ -1,4 +1,4 @@
-"""The experiments' pictures: accuracy against wall-clock, and the patches a SparseViT keeps."""
+"""The experiments' pictures: accuracy against wall-clock, the patches a SparseViT keeps, and ToST's paired deltas."""
 
 from __future__ import annotations
 
@@ -90,6 +90,38 @@ def plot_pareto(points: list[dict], path: str, title: str) -> None:
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_paired_deltas(summary: list[dict], path: str, title: str) -> None:
+    """`bench tost`: each variant's accuracy change against vanilla on the same mask and seed, one column per
+    (mask, sparsity): a dot per seed and a bar at their mean (above zero: the variant won that pair)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(row["technique"] for row in summary
+                                  if row["deltas"] and row["technique"] != "vanilla"))
+    cells = list(dict.fromkeys((row["method"], row["sparsity"]) for row in summary))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(cells) + 2), 4.5))
+    width = 0.8 / max(1, len(variants))
+    for number, variant in enumerate(variants):
+        rows = {(row["method"], row["sparsity"]): row for row in summary if row["technique"] == variant}
+        positions = [index - 0.4 + width * (number + 0.5) for index, cell in enumerate(cells) if cell in rows]
+        means = [rows[cell]["accuracy_delta_points"] for cell in cells if cell in rows]
+        bars = axis.bar(positions, means, width=width * 0.9, alpha=0.45, label=variant)
+        for position, cell in zip(positions, (cell for cell in cells if cell in rows)):
+            deltas = rows[cell]["deltas"]
+            axis.plot([position] * len(deltas), deltas, "o", markersize=3, color=bars.patches[0].get_facecolor()[:3])
+    axis.axhline(0.0, color="0.3", linewidth=0.8)
+    axis.set_xticks(range(len(cells)), [f"{method}\n{sparsity:g}" for method, sparsity in cells], fontsize=7)
+    axis.set_ylabel("test accuracy change vs vanilla (points)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

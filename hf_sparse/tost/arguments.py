@@ -26,10 +26,11 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     # ViT: 1/sqrt(density) rescaling, soft GELU ghosts and label smoothing won; ghost skips and GradInit lost.
     "vit": dict(ghost_soft_neurons=True, ghost_skip_connections=False, ghost_end_fraction=0.1, ghost_skip_alpha=1.0,
                 rescaled_init="density", label_smoothing=0.1),
-    # CNN: nothing won on a batch-normalised ResNet (README); the Swish ghosts (first 30 %) are the only variant with a
-    # positive 3-seed mean. The paper's full recipe, combinations with skips/smoothing and 1/sqrt(density) lost.
-    "cnn": dict(ghost_soft_neurons=True, ghost_skip_connections=False, ghost_end_fraction=0.3, ghost_skip_alpha=1.0,
-                rescaled_init="none", label_smoothing=0.0),
+    # CNN (batch-normalised ResNet): label smoothing 0.1, the best variant of the screen, wins 9 of 12 pairs over 5
+    # seeds by +0.11 points (README: within seed noise); the ghosts, GradInit and 1/sqrt(density) did worse (BN and
+    # the residuals already keep the gradients flowing). The ghost settings serve runs that switch the ghosts on.
+    "cnn": dict(ghost_soft_neurons=False, ghost_skip_connections=False, ghost_end_fraction=0.3, ghost_skip_alpha=1.0,
+                rescaled_init="none", label_smoothing=0.1),
 }
 
 
