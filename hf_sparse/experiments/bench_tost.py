@@ -43,7 +43,7 @@ from .plots import plot_paired_deltas
 VANILLA = dict(ghost_soft_neurons=False, ghost_skip_connections=False, rescaled_init="none", label_smoothing=0.0)
 TECHNIQUES: dict[str, dict[str, Any]] = {
     "vanilla": VANILLA,
-    "full": {},  # ToSTTrainingArguments' defaults for the model's family: the recipe that won
+    "full": {},  # ToSTTrainingArguments' defaults for the model's family: the best recipe measured
     # each technique alone, with the family recipe's settings where it has them (else the paper's)
     "ghost_neurons": {**VANILLA, "ghost_soft_neurons": True},
     "ghost_skips": {**VANILLA, "ghost_skip_connections": True},

@@ -20,7 +20,7 @@ GRADINIT_MAX_STEPS = 180
 GRADINIT_STEP_FRACTION = 0.02
 
 
-# The recipe each model family gets when its fields are left unset (None): the settings that won in
+# The recipe each model family gets when its fields are left unset (None): the best settings measured in
 # `hf-sparse bench tost` (see the README). "vit": SparseViT, HF ViT; "cnn": every other model (transformers' ResNet).
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     # ViT: 1/sqrt(density) rescaling, soft GELU ghosts and label smoothing won; ghost skips and GradInit lost.
@@ -42,7 +42,7 @@ def default_rescaled_init_steps(total_steps: int) -> int:
 @dataclass
 class ToSTTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus ToST's mask and its four techniques. Technique fields left unset (None) take the
-    recipe that won for the model's family (`FAMILY_RECIPES`, filled in by the trainer on a copy of the arguments);
+    best recipe measured for the model's family (`FAMILY_RECIPES`, filled in by the trainer on a copy of the arguments);
     every technique switches off on its own (`ghost_soft_neurons=False`, `ghost_skip_connections=False`,
     `rescaled_init="none"`, `label_smoothing=0`), so "vanilla" sparse training is all four off."""
 

@@ -79,7 +79,7 @@ class ToSTTrainer(SparseTrainer):
 
     def __init__(self, model=None, args: ToSTTrainingArguments | None = None, **kwargs):
         if isinstance(args, ToSTTrainingArguments) and model is not None:
-            # The recipe fields left unset take the settings that won for the model's family, in a copy: the
+            # The recipe fields left unset take the best measured settings for the model's family, in a copy: the
             # caller's arguments can serve another model (another family) unchanged.
             self.family = model_family(model)
             args = copy.copy(args)
