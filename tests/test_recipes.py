@@ -103,7 +103,7 @@ def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_pat
 
 
 def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
-    from hf_sparse.experiments.bench_tost import FAMILIES, VANILLA, ToSTBenchArguments, technique_arguments
+    from hf_sparse.experiments.bench_tost import FAMILIES, VANILLA, ToSTBenchArguments, plan_grid, technique_arguments
 
     resnet = FAMILIES["resnet"]
     # each part switches on its own technique at the value it has alone; the rest stays vanilla
@@ -117,6 +117,13 @@ def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
     assert technique_arguments("label_smoothing=0.2", resnet) == {**VANILLA, "label_smoothing": 0.2}
     assert technique_arguments("ghost_skips+label_smoothing+ghost_skip_alpha=0.5", resnet) == {
         **VANILLA, "ghost_skip_connections": True, "label_smoothing": 0.1, "ghost_skip_alpha": 0.5}
+    # a variant that is the family's recipe itself is not trained twice (label smoothing alone is the CNN recipe)
+    grid = plan_grid(ToSTBenchArguments(families=["resnet", "sparse_vit"], methods=["random"], sparsities=[0.9],
+                                        seeds=[42], techniques=["full", "label_smoothing", "ghost_skips"]))
+    assert [(family, technique) for family, _, _, technique, _ in grid] == [
+        ("resnet", "vanilla"), ("resnet", "full"), ("resnet", "ghost_skips"),
+        ("sparse_vit", "vanilla"), ("sparse_vit", "full"), ("sparse_vit", "label_smoothing"),
+        ("sparse_vit", "ghost_skips")]
     for bad, message in [("ghost_skips+ghost_skips", "distinct"), ("full+ghost_skips", "neither"),
                          ("gradinit+density_init", "one rescaled"), ("skips", "neither"),
                          ("label_smoothing+label_smoothing=0.2", "distinct"), ("ghost_end_fraction=0", r"\(0, 1\]"),

@@ -216,6 +216,15 @@ def _key(family: str, method: str, sparsity: float, technique: str | None = None
         "" if seed is None else f"/{seed}")
 
 
+def repeats_the_recipe(args: ToSTBenchArguments, family: str, technique: str) -> bool:
+    """Whether a variant trains exactly the family's recipe while "full" runs too (label smoothing alone is the CNN
+    recipe): its runs would repeat the "full" ones, so the grid leaves it out."""
+    if technique == "full" or "full" not in args.techniques:
+        return False
+    return technique_arguments(technique, args.family(family)).items() <= FAMILY_RECIPES[
+        recipe_family(args.family(family))].items()
+
+
 def plan_grid(args: ToSTBenchArguments) -> list[tuple[str, str, float, str, int]]:
     """(family, method, sparsity, technique, seed) in run order: seed by seed, vanilla first in every cell, so a
     stopped grid still holds complete pairs."""
@@ -226,6 +235,8 @@ def plan_grid(args: ToSTBenchArguments) -> list[tuple[str, str, float, str, int]
             for sparsity in args.sparsities:
                 for method in args.methods:
                     for technique in ["vanilla", *techniques]:
+                        if repeats_the_recipe(args, family, technique):
+                            continue
                         if technique in ("vanilla", "full") or position < args.technique_seeds:
                             grid.append((family, method, sparsity, technique, seed))
     return grid
@@ -393,6 +404,10 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         results["table"] = summarize(results["rows"], results["mask_seconds"])
         write_json(path, results)
     grid = plan_grid(args)
+    for family_name in args.families:
+        same = [t for t in args.techniques if repeats_the_recipe(args, family_name, t)]
+        if same:
+            print(f"{family_name}: {', '.join(same)} is the family's recipe itself; its figures are the 'full' rows.")
     selected = {_key(*cell) for cell in grid}
     data = {}
     for index, cell in enumerate(grid, start=1):
