@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_sparse.experiments.bench_tost import check_technique, summarize
+from hf_sparse.experiments.bench_tost import FAMILIES, check_technique, recipe_family, summarize
 from hf_sparse.tost.arguments import FAMILY_RECIPES
 
 
@@ -28,7 +28,7 @@ def test_committed_tost_results_match_their_rows_and_todays_recipes(path):
     # each family's rows ran with the recipe it has today (a JSON records the recipes of its own families only)
     recipes = results["settings"]["recipes"]
     assert rows and recipes == {key: json.loads(json.dumps(FAMILY_RECIPES[key])) for key in recipes}
-    assert {"vit" if row["family"] == "sparse_vit" else "cnn" for row in rows} == set(recipes)
+    assert {recipe_family(FAMILIES[row["family"]]) for row in rows} == set(recipes)
     for row in rows:
         check_technique(row["technique"])
         assert abs(row["mask_sparsity"] - row["sparsity"]) <= 0.005, row

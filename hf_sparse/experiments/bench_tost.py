@@ -29,12 +29,13 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..tost import TOST_MASK_METHODS, ToSTTrainer, ToSTTrainingArguments, save_masks
-from ..tost.arguments import FAMILY_RECIPES
-from ..validation import check_fraction, check_positive
+from ..tost.arguments import FAMILY_RECIPES, RECIPE_FIELD_CHECKS
+from ..validation import check_positive
 from .common import DataArguments, ModelArguments, TrainingClockCallback, build_model, compute_accuracy
 from .common import load_resumable, prepare_data, training_fields, with_defaults_from, write_json
 from .plots import plot_paired_deltas
@@ -58,11 +59,8 @@ TECHNIQUES["paper"] = {"ghost_soft_neurons": True, "ghost_skip_connections": Tru
 COMBINABLE = ("ghost_neurons", "ghost_skips", "rescaled_init", "label_smoothing", "gradinit", "density_init")
 # `ToSTTrainingArguments` fields a variant may set as "field=value" (for tuning a family's recipe)
 SETTABLE: dict[str, Any] = {
-    "label_smoothing": lambda value: check_fraction("label_smoothing", value),
-    "ghost_end_fraction": lambda value: check_fraction("ghost_end_fraction", value, low_inclusive=False,
-                                                       high_inclusive=True),
-    "ghost_skip_alpha": lambda value: check_positive("ghost_skip_alpha", value),
-    "ghost_activation_lambda": lambda value: check_positive("ghost_activation_lambda", value),
+    **{name: RECIPE_FIELD_CHECKS[name] for name in ("label_smoothing", "ghost_end_fraction", "ghost_skip_alpha")},
+    "ghost_activation_lambda": partial(check_positive, "ghost_activation_lambda"),
 }
 
 
@@ -216,27 +214,30 @@ def _key(family: str, method: str, sparsity: float, technique: str | None = None
         "" if seed is None else f"/{seed}")
 
 
-def repeats_the_recipe(args: ToSTBenchArguments, family: str, technique: str) -> bool:
-    """Whether a variant trains exactly the family's recipe while "full" runs too (label smoothing alone is the CNN
-    recipe): its runs would repeat the "full" ones, so the grid leaves it out."""
-    if technique == "full" or "full" not in args.techniques:
-        return False
-    return technique_arguments(technique, args.family(family)).items() <= FAMILY_RECIPES[
-        recipe_family(args.family(family))].items()
+def recipe_repeats(args: ToSTBenchArguments) -> dict[str, list[str]]:
+    """Per family, the variants that train exactly its recipe while "full" runs too (label smoothing alone is the CNN
+    recipe): their runs would repeat the "full" ones, so the grid leaves them out."""
+    if "full" not in args.techniques:
+        return {family: [] for family in args.families}
+    repeats = {}
+    for family in args.families:
+        recipe = FAMILY_RECIPES[recipe_family(args.family(family))].items()
+        repeats[family] = [technique for technique in args.techniques if technique not in ("full", "vanilla")
+                           and technique_arguments(technique, args.family(family)).items() <= recipe]
+    return repeats
 
 
 def plan_grid(args: ToSTBenchArguments) -> list[tuple[str, str, float, str, int]]:
     """(family, method, sparsity, technique, seed) in run order: seed by seed, vanilla first in every cell, so a
     stopped grid still holds complete pairs."""
-    techniques = [t for t in args.techniques if t != "vanilla"]
+    repeats = recipe_repeats(args)
     grid = []
     for family in args.families:
+        techniques = [t for t in args.techniques if t != "vanilla" and t not in repeats[family]]
         for position, seed in enumerate(args.seeds):
             for sparsity in args.sparsities:
                 for method in args.methods:
                     for technique in ["vanilla", *techniques]:
-                        if repeats_the_recipe(args, family, technique):
-                            continue
                         if technique in ("vanilla", "full") or position < args.technique_seeds:
                             grid.append((family, method, sparsity, technique, seed))
     return grid
@@ -404,8 +405,7 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         results["table"] = summarize(results["rows"], results["mask_seconds"])
         write_json(path, results)
     grid = plan_grid(args)
-    for family_name in args.families:
-        same = [t for t in args.techniques if repeats_the_recipe(args, family_name, t)]
+    for family_name, same in recipe_repeats(args).items():
         if same:
             print(f"{family_name}: {', '.join(same)} is the family's recipe itself; its figures are the 'full' rows.")
     selected = {_key(*cell) for cell in grid}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from transformers import TrainingArguments
@@ -31,6 +33,17 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     # the residuals already keep the gradients flowing). The ghost settings serve runs that switch the ghosts on.
     "cnn": dict(ghost_soft_neurons=False, ghost_skip_connections=False, ghost_end_fraction=0.3, ghost_skip_alpha=1.0,
                 rescaled_init="none", label_smoothing=0.1),
+}
+
+
+# How each recipe field is checked (shared with `hf-sparse bench tost`, whose variants may set some of them).
+RECIPE_FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "ghost_soft_neurons": partial(check_bool, "ghost_soft_neurons"),
+    "ghost_skip_connections": partial(check_bool, "ghost_skip_connections"),
+    "ghost_end_fraction": partial(check_fraction, "ghost_end_fraction", low_inclusive=False, high_inclusive=True),
+    "ghost_skip_alpha": partial(check_positive, "ghost_skip_alpha"),
+    "rescaled_init": partial(check_choice, "rescaled_init", allowed=RESCALED_INIT_METHODS),
+    "label_smoothing": partial(check_fraction, "label_smoothing"),
 }
 
 
@@ -207,16 +220,7 @@ class ToSTTrainingArguments(TrainingArguments):
 
     def _check_recipe(self) -> None:
         """Check the recipe fields that are set (None: the family's, checked once filled in)."""
-        checks = {
-            "ghost_soft_neurons": lambda value: check_bool("ghost_soft_neurons", value),
-            "ghost_skip_connections": lambda value: check_bool("ghost_skip_connections", value),
-            "ghost_end_fraction": lambda value: check_fraction("ghost_end_fraction", value, low_inclusive=False,
-                                                               high_inclusive=True),
-            "ghost_skip_alpha": lambda value: check_positive("ghost_skip_alpha", value),
-            "rescaled_init": lambda value: check_choice("rescaled_init", value, RESCALED_INIT_METHODS),
-            "label_smoothing": lambda value: check_fraction("label_smoothing", value),
-        }
-        for name, check in checks.items():
+        for name, check in RECIPE_FIELD_CHECKS.items():
             if getattr(self, name) is not None:
                 check(getattr(self, name))
 
