@@ -10,7 +10,6 @@ SparseViT its code and `auto_map`), whatever was imported. The card is written e
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-logger = logging.getLogger(__name__)
+from .logging_utils import get_logger
+
+logger = get_logger(__name__)
 
 REPORT_FILENAME = "hf_sparse_report.json"
 CARD_TEMPLATE = "model_card.md"
@@ -197,11 +198,26 @@ def save_for_hub(model, directory: str | os.PathLike, *, report: TrainingReport 
                        directory, type(error).__name__, error)
 
 
+def _check_push_arguments(model, repo_id: Any, report: Any, image_processor: Any) -> None:
+    """Wrong types fail here, not as a logged card failure after the weights are uploaded."""
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+        raise TypeError(f"`model` must be a transformers model (with `save_pretrained`), got {type(model).__name__}.")
+    if not isinstance(repo_id, str):
+        raise TypeError(f"`repo_id` must be a str ('namespace/name'), got {type(repo_id).__name__}.")
+    if report is not None and not isinstance(report, TrainingReport):
+        raise TypeError(f"`report` must be a hf_sparse.TrainingReport or None, got {type(report).__name__}"
+                        + (" (build one with `TrainingReport(**values)`)." if isinstance(report, dict) else "."))
+    if image_processor is not None and not hasattr(image_processor, "save_pretrained"):
+        raise TypeError("`image_processor` must be a transformers image processor (with `save_pretrained`) or None, "
+                        f"got {type(image_processor).__name__}.")
+
+
 def push_to_hub(model, repo_id: str, *, report: TrainingReport | None = None, image_processor=None,
                 private: bool | None = None, token: str | None = None, commit_message: str | None = None,
                 revision: str | None = None, create_pr: bool = False):
     """Publish `model` with its card: exactly what `save_for_hub` writes, in one commit (`model.push_to_hub` works
-    too, with transformers' generic card)."""
+    too, with transformers' generic card). A wrong argument type is a `TypeError` before anything is uploaded."""
+    _check_push_arguments(model, repo_id, report, image_processor)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as directory:

@@ -264,3 +264,15 @@ def test_a_failing_card_never_costs_the_weights_or_the_checkpoint(tmp_path, monk
         files = set(os.listdir(tmp_path / "run" / f"checkpoint-{step}"))
         assert {"model.safetensors", "trainer_state.json", "example_pruning.safetensors"} <= files
     assert any("template exploded" in record.getMessage() for record in caplog.records)
+
+
+def test_push_to_hub_refuses_a_wrong_argument_type_before_anything_is_uploaded(hub_server):
+    model = published_model()
+    hub_server.clear_requests()
+    with pytest.raises(TypeError, match=r"`report` must be a hf_sparse.TrainingReport.*dict.*TrainingReport\(\*\*values\)"):
+        hf_sparse.push_to_hub(model, "user/typed", report={"a": 1})
+    with pytest.raises(TypeError, match="`image_processor`"):
+        hf_sparse.push_to_hub(model, "user/typed", image_processor="preprocessor_config.json")
+    with pytest.raises(TypeError, match="`model`"):
+        hf_sparse.push_to_hub(model.state_dict(), "user/typed")
+    assert hub_server.count_requests() == 0  # no repo created, nothing uploaded
