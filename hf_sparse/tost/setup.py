@@ -18,6 +18,7 @@ from accelerate.utils import broadcast
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from ..logging_utils import get_logger, transformers_verbosity_at_least
 from .arguments import ToSTTrainingArguments, default_rescaled_init_steps
 from .batches import default_loss_fn
 from .masks import (
@@ -33,7 +34,7 @@ from .masks import (
 )
 from .rescaled_init import GradInitReport, density_rescale, gradinit_rescale
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DATA_METHODS = ("snip", "grasp", "synflow")  # mask methods that read training batches
 
@@ -72,7 +73,8 @@ def round_arguments(args: TrainingArguments, steps: int, total_steps: int, round
                     keep_columns: bool) -> TrainingArguments:
     """Plain `TrainingArguments` for one dense(-within-the-mask) round: this run's optimizer, schedule shape,
     accumulation, clipping and precision over `steps` (an absolute warm-up scaled to the round), with no saving,
-    evaluation, logging or label smoothing, and a seed and data order of the round's own."""
+    evaluation, logging (nor a change of the log level) or label smoothing, and a seed and data order of the round's
+    own."""
     if getattr(args, "deepspeed", None):
         raise ValueError("`mask_method='lottery_ticket'` does not support DeepSpeed: its rounds need whole parameters.")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -82,7 +84,8 @@ def round_arguments(args: TrainingArguments, steps: int, total_steps: int, round
     seed = args.mask_data_seed + 2 + round_index
     values.update(
         max_steps=steps, warmup_steps=warmup, save_strategy="no", eval_strategy="no", eval_on_start=False,
-        logging_strategy="no", report_to=[], disable_tqdm=True, push_to_hub=False, load_best_model_at_end=False,
+        logging_strategy="no", log_level="passive", log_level_replica="passive", report_to=[], disable_tqdm=True,
+        push_to_hub=False, load_best_model_at_end=False,
         label_smoothing_factor=0.0, seed=seed, data_seed=seed,
         remove_unused_columns=args.remove_unused_columns and not keep_columns, resume_from_checkpoint=None,
     )
@@ -101,7 +104,8 @@ def lottery_ticket(
 
     `rounds` (default: the fewest with 1 - 0.8^k >= sparsity) each train for `lottery_ticket_round_fraction` of the
     run's steps, then prune 1 - (1 - sparsity)^(1/rounds) of the survivors by magnitude and rewind (to the initial
-    weights, or to those after `lottery_ticket_rewind_step` steps of the first round).
+    weights, or to those after `lottery_ticket_rewind_step` steps of the first round). Logged at INFO: the plan, then
+    each round once ("IMP round 3/11, sparsity 0.488"); the rounds' own Trainers print nothing below WARNING.
     """
     patterns = args.mask_patterns_tuple
     if args.sparsity == 0:
@@ -122,16 +126,22 @@ def lottery_ticket(
 
     def train_round(snapshot_step: int | None = None) -> dict[str, torch.Tensor] | None:
         snapshot = _Snapshot(snapshot_step)
-        round_args = round_arguments(args, round_steps, total_steps, rounds_trained[0], keep_columns)
-        trainer = Trainer(model=model, args=round_args, train_dataset=train_dataset, data_collator=data_collator,
-                          callbacks=[MaskCallback(), snapshot])
-        trainer.remove_callback(PrinterCallback)  # the rounds are logged below, not as Trainer runs
-        trainer.train()
+        # Each round is logged once, labelled, by `iterative_magnitude_pruning`: the inner Trainer's own banners
+        # ("Running training", at INFO) would be unlabelled repeats of the run's.
+        with transformers_verbosity_at_least(logging.WARNING):
+            round_args = round_arguments(args, round_steps, total_steps, rounds_trained[0], keep_columns)
+            trainer = Trainer(model=model, args=round_args, train_dataset=train_dataset, data_collator=data_collator,
+                              callbacks=[MaskCallback(), snapshot])
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
         trainer.accelerator.free_memory()  # the round's optimizer state and DDP wrapper go with it
         del trainer
         rounds_trained[0] += 1
         return snapshot.state_dict
 
+    if is_main_process:
+        logger.info("Lottery ticket: %d IMP rounds of %d optimizer steps to sparsity %g, rewinding to %s.", rounds,
+                    round_steps, args.sparsity, f"step {rewind_step}" if rewind_step > 0 else "initialisation")
     rewind_state = train_round(snapshot_step=rewind_step) if rewind_step > 0 else None
     first_round_done = [rewind_state is not None]  # trained above, on the way to the rewind snapshot
 
@@ -140,11 +150,6 @@ def lottery_ticket(
             first_round_done[0] = False
             return
         train_round()
-
-    def on_round_end(round_index: int, report: dict[str, Any]) -> None:
-        if is_main_process:
-            logger.info("Lottery ticket round %d/%d (%d steps): sparsity %.4f", round_index, rounds, round_steps,
-                        report["prunable_sparsity"])
 
     handle = iterative_magnitude_pruning(
         model,
@@ -155,7 +160,6 @@ def lottery_ticket(
         rewind_state=rewind_state,
         scope=args.mask_scope,
         patterns=patterns,
-        on_round_end=on_round_end,
     )
     metadata = dict(handle.metadata)
     metadata.update(target_sparsity=args.sparsity, round_steps=round_steps, rewind_step=rewind_step)
@@ -216,6 +220,8 @@ def rescale_initialisation(
             )
             done.update(gradinit_loss_before=report.loss_before, gradinit_loss_after=report.loss_after)
     elif args.rescaled_init == "density":
-        density_rescale(model)
+        factors = density_rescale(model)
+        logger.info("Rescaled init: %d masked weights scaled by 1/sqrt(density), factors %.3f to %.3f.", len(factors),
+                    min(factors.values(), default=1.0), max(factors.values(), default=1.0))
     reapply(model)
     return report, done

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import random
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..logging_utils import get_logger
 from ..trainers.base import SparseTrainer
 from .arguments import ToSTTrainingArguments
 from .batches import SeededBatches
@@ -45,7 +45,7 @@ from .masks import reapply
 from .masks import save_masks, sparsity_report
 from .setup import broadcast_parameters, compute_masks_for, lottery_ticket, rescale_initialisation, sync_masks
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class ToSTTrainer(SparseTrainer):

@@ -4,7 +4,6 @@ checks, the per-batch classification loss, and the training report and model car
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any, ClassVar
@@ -15,10 +14,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from ..hub import TrainingReport, write_model_card
+from ..logging_utils import get_logger
 from .checkpoints import resolve_resume_checkpoint
 from .data_checks import check_classification_dataset
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class TrainingTimeCallback(TrainerCallback, ExportableState):

@@ -5,7 +5,6 @@ checkpoint."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import zipfile
 from pathlib import Path
@@ -13,7 +12,9 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-logger = logging.getLogger(__name__)
+from ..logging_utils import get_logger
+
+logger = get_logger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: without it the save did not finish
 

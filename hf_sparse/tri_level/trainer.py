@@ -12,7 +12,6 @@ What differs from the reference code, on purpose:
 from __future__ import annotations
 
 import inspect
-import logging
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from ..flops import token_counts
 from ..trainers.base import SparseTrainer
 from .arguments import TriLevelTrainingArguments
 from .example_pruning import (
+from ..logging_utils import get_logger
     EXAMPLE_INDEX,
     ExamplePruner,
     ExamplePruningSampler,
@@ -30,7 +30,7 @@ from .example_pruning import (
 )
 from .schedule import KeepRatioScheduleCallback
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 RESUME_HINT = ("`method` is `example_pruning`; `num_examples` the training set's size; `epoch_size` follows from "
                "`example_inactive_fraction`; `seed` is `data_seed` (or `seed`).")

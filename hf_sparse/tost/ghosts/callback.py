@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from transformers import TrainerCallback
 
+from ...logging_utils import get_logger
 from .schedule import GhostSchedule
 from .skip_connections import attach_ghost_skips
 from .soft_neurons import attach_ghost_activations
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class GhostCallback(TrainerCallback):
@@ -52,6 +52,13 @@ class GhostCallback(TrainerCallback):
         return self.soft_neurons or self.skip_connections
 
     @property
+    def description(self) -> str:
+        """Which ghosts this callback attaches, in words ("ghost soft neurons and ghost skip connections")."""
+        kinds = [kind for kind, on in (("ghost soft neurons", self.soft_neurons),
+                                       ("ghost skip connections", self.skip_connections)) if on]
+        return " and ".join(kinds) or "no ghosts"
+
+    @property
     def active(self) -> bool:
         return bool(self._handles)
 
@@ -80,8 +87,9 @@ class GhostCallback(TrainerCallback):
             raise ValueError(f"`ghost_soft_neurons`/`ghost_skip_connections` cannot be attached: {error}") from error
         self._handles = handles
         if state.is_world_process_zero:
-            logger.info("Ghosts attached at step %d (progress %.3f); removed after %d%% of the %d steps.",
-                        state.global_step, progress, round(100 * self.schedule.end_fraction), state.max_steps)
+            logger.info("%s attached at step %d (progress %.3f); removed after %d%% of the %d steps.",
+                        self.description.capitalize(), state.global_step, progress,
+                        round(100 * self.schedule.end_fraction), state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self._handles:
@@ -92,7 +100,8 @@ class GhostCallback(TrainerCallback):
             self._handles = []
             self.removed_at_step = state.global_step
             if state.is_world_process_zero:
-                logger.info("Ghosts removed at step %d: the model is back to its own architecture.", state.global_step)
+                logger.info("%s removed at step %d: the model is back to its own architecture.",
+                            self.description.capitalize(), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self._handles:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -10,13 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...logging_utils import get_logger
 from ...validation import check_choice, check_fraction
 from .config import DEFAULT_PRUNABLE_PATTERNS, MASK_SCOPES, normalize_patterns
 from .model import WeightMasks, apply_masks, find_prunable_layers, get_masks, mask_sparsity, sparsity_report
 from .scores import masks_from_scores
 
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 REWIND_MODES: tuple[str, ...] = ("init", "step")
 
@@ -112,7 +112,7 @@ def iterative_magnitude_pruning(
         _rewind(model, state)
         handle = apply_masks(model, masks, metadata={**metadata, "rounds": round_index, "target_sparsity": target})
         report = sparsity_report(model)
-        logger.info("IMP round %d/%d: prunable sparsity %.4f", round_index, rounds, report["prunable_sparsity"])
+        logger.info("IMP round %d/%d, sparsity %.3f", round_index, rounds, report["prunable_sparsity"])
         if on_round_end is not None:
             on_round_end(round_index, report)
     return handle

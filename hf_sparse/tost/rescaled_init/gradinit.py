@@ -18,7 +18,6 @@ Double backward through attention: torch's fused CPU SDPA kernel has none. Every
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +27,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...logging_utils import get_logger
 from ..masks.model import get_masks
 from ...validation import check_positive
 from ..batches import BatchCycler, LossFn, default_loss_fn
 
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass

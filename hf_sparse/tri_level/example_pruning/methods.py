@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -17,10 +16,11 @@ from typing import Any
 
 import torch
 
+from ...logging_utils import get_logger
 from ...validation import check_choice, check_fraction, check_int
 from .pruner import STREAM_INIT, STREAM_REFRESH, STREAM_SUBSET, ExamplePruner, StateValue, read_saved
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 TIE_BREAKS = ("cls_attention_variance", "random")
 

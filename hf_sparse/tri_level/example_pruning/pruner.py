@@ -19,7 +19,6 @@ the configuration); :meth:`ExamplePruner.load` reads them back without pickle.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,9 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from ...validation import check_fraction, check_int
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 StateValue = torch.Tensor | int | float | str
+from ...logging_utils import get_logger
 FORMAT_VERSION = 1
 # Stream identifiers for the per-purpose random generators (see ExamplePruner._generator).
 STREAM_INIT, STREAM_ORDER, STREAM_SUBSET, STREAM_REFRESH = 0, 1, 2, 3
