@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from ..flops import token_counts
+from ..logging_utils import get_logger
 from ..trainers.base import SparseTrainer
 from .arguments import TriLevelTrainingArguments
 from .example_pruning import (
-from ..logging_utils import get_logger
     EXAMPLE_INDEX,
     ExamplePruner,
     ExamplePruningSampler,

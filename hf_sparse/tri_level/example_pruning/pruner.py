@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ...logging_utils import get_logger
 from ...validation import check_fraction, check_int
 
 logger = get_logger(__name__)
 
 StateValue = torch.Tensor | int | float | str
-from ...logging_utils import get_logger
 FORMAT_VERSION = 1
 # Stream identifiers for the per-purpose random generators (see ExamplePruner._generator).
 STREAM_INIT, STREAM_ORDER, STREAM_SUBSET, STREAM_REFRESH = 0, 1, 2, 3
