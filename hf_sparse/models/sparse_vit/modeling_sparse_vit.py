@@ -33,6 +33,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_sparse_vit import SparseViTConfig, _check_ratio, _pair
 
 
+try:  # torch >= 2.5; transformers offers "flex_attention" only where it exists
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask = create_block_mask = flex_attention = None
+
+
 @dataclass
 class SparseViTModelOutput(BaseModelOutputWithPooling):
     r"""
@@ -181,6 +187,75 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def connection_block_mask(attention_mask: torch.BoolTensor) -> BlockMask:
+    """FlexAttention's block mask for a boolean `(batch, 1, queries, keys)` connection mask (True = attend).
+
+    transformers' own flex integration adds a tensor mask to the scores (a boolean one would add 0/1), so the
+    connection mask becomes a `mask_mod` that reads it; blocks without any kept connection are skipped.
+    """
+    batch_size, _, query_length, key_length = attention_mask.shape
+    last_query, last_key = query_length - 1, key_length - 1
+
+    def mask_mod(batch, head, query_index, key_index):
+        # The kernel may evaluate the padding of a partial block; clamping keeps the read inside the tensor, and
+        # those positions are dropped whatever the mask says.
+        return attention_mask[batch, 0, query_index.clamp(max=last_query), key_index.clamp(max=last_key)]
+
+    return create_block_mask(mask_mod, batch_size, None, query_length, key_length, device=attention_mask.device)
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention_kernel(device: torch.device) -> Callable:
+    """`flex_attention` is fused only when compiled: inside a compiled model the model's compile does it; in an eager
+    model on an accelerator it is compiled once on its own (as transformers does). On CPU the eager, unfused
+    reference runs (a compile costs tens of seconds there and saves nothing at test sizes)."""
+    global _compiled_flex_attention
+    if torch.compiler.is_compiling() or device.type == "cpu":
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
+
+
+def flex_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.BoolTensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """FlexAttention with the boolean connection mask as a block mask: attention sparsity keeps a fused kernel.
+
+    Where torch's flex_attention cannot run, SDPA runs instead with the same mask (the same result): attention
+    dropout (flex has none) and gradients on CPU (flex has no CPU backward).
+    """
+    if dropout > 0.0 or (query.device.type == "cpu" and query.requires_grad):
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    block_mask = connection_block_mask(attention_mask) if attention_mask is not None else None
+    attn_output = _flex_attention_kernel(query.device)(query, key, value, block_mask=block_mask, scale=scaling)
+    return attn_output.transpose(1, 2).contiguous(), None
+
+
+def _refuse_flash_with_connection_mask(implementation: str, attention_keep_ratio: float | None = None) -> None:
+    """Flash attention takes a padding mask at most, never an arbitrary boolean one: refuse, never drop the mask.
+    `attention_keep_ratio` None: a connection mask is in force (from a ratio set at run time)."""
+    if "flash" not in implementation or (attention_keep_ratio is not None and attention_keep_ratio >= 1.0):
+        return
+    in_force = "< 1.0" if attention_keep_ratio is None else f"={attention_keep_ratio}"
+    raise ValueError(
+        f"`attn_implementation`={implementation!r} cannot apply attention sparsity (`attention_keep_ratio`"
+        f"{in_force}): flash attention takes no per-connection mask. Use attn_implementation='flex_attention' "
+        "(fused, the mask as a block mask), 'sdpa' or 'eager', or keep `attention_keep_ratio`=1.0 (token sparsity "
+        "alone works with flash attention)."
+    )
+
+
 class SparseViTAttention(nn.Module):
     """Multi-head self-attention. Also returns its queries and keys, from which the pruning layer ranks tokens."""
 
@@ -197,6 +272,7 @@ class SparseViTAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(inner_size, config.hidden_size)
+        _refuse_flash_with_connection_mask(str(config._attn_implementation), config.attention_keep_ratio)
 
     def forward(
         self,
@@ -212,7 +288,12 @@ class SparseViTAttention(nn.Module):
 
         # Attention maps exist only in the eager implementation: use it for calls that ask for them.
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if attention_mask is not None:  # a ratio set at run time (`set_sparsity`) is only known here
+            _refuse_flash_with_connection_mask(implementation)
+        if implementation == "flex_attention":  # ours: transformers' would misread the boolean connection mask
+            attention_interface: Callable = flex_attention_forward
+        else:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -448,6 +529,8 @@ class SparseViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SparseViTEmbeddings", "SparseViTLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True  # the connection mask becomes a block mask (`flex_attention_forward`)
+    _supports_flash_attn = True  # without attention sparsity only: a connection mask is refused, never dropped
     # The loss is a per-batch mean that ignores `num_items_in_batch`: let the Trainer scale it for accumulation.
     accepts_loss_kwargs = False
 
