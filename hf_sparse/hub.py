@@ -25,11 +25,7 @@ logger = get_logger(__name__)
 
 REPORT_FILENAME = "hf_sparse_report.json"
 CARD_TEMPLATE = "model_card.md"
-METHOD_SENTENCES = {
-    "tri_level": "Tri-Level E-ViT training (example pruning, token pruning and attention sparsity at once).",
-    "tost": "the ToST recipe for pruned networks (ghost neurons and skips, rescaled init, label smoothing).",
-    "dense": "dense training (no sparsity during training).",
-}
+DENSE_SENTENCE = "dense training (no sparsity during training)."
 PLACEHOLDER_REPO_ID = "<your-namespace>/<this-model>"
 
 
@@ -75,9 +71,77 @@ def _is_sparse_vit(model) -> bool:
     return getattr(model.config, "model_type", None) == "sparse_vit"
 
 
+def _setting(report: TrainingReport, name: str) -> Any:
+    """A setting of the report by its card label (`example pruning` also finds `example_pruning`), or None."""
+    return next((value for key, value in report.settings.items() if key.replace("_", " ") == name), None)
+
+
+def _token_pruning(model) -> str | None:
+    config = model.config
+    if not _is_sparse_vit(model) or config.token_keep_ratio >= 1 or not config.token_pruning_layers:
+        return None
+    layers = ", ".join(str(index) for index in config.token_pruning_layers)
+    return f"token pruning (keep ratio {config.token_keep_ratio:g} in layers {layers})"
+
+
+def _attention_sparsity(model) -> str | None:
+    if not _is_sparse_vit(model) or model.config.attention_keep_ratio >= 1:
+        return None
+    return f"attention sparsity (keep ratio {model.config.attention_keep_ratio:g})"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _tri_level_sentence(model, report: TrainingReport) -> str:
+    example_pruning = _setting(report, "example pruning")
+    levels = [
+        f"example pruning ({example_pruning})" if example_pruning not in (None, "none") else None,
+        _token_pruning(model),
+        _attention_sparsity(model),
+    ]
+    levels = [level for level in levels if level]
+    if not levels:
+        return "Tri-Level E-ViT training with all three levels off (dense training)."
+    return f"Tri-Level E-ViT training with {_join(levels)}."
+
+
+def _tost_sentence(model, report: TrainingReport) -> str:
+    weight_sparsity = getattr(model.config, "weight_sparsity", None) or {}
+    mask = ""
+    if weight_sparsity.get("sparsity") is not None:
+        mask = f" on a {100 * weight_sparsity['sparsity']:.3g} %-sparse weight mask ({weight_sparsity.get('method')})"
+    rescaled_init = _setting(report, "rescaled init")
+    label_smoothing = _setting(report, "label smoothing")
+    techniques = [
+        "ghost soft neurons" if _setting(report, "ghost soft neurons") else None,
+        "ghost skip connections" if _setting(report, "ghost skip connections") else None,
+        f"rescaled init ({rescaled_init})" if rescaled_init not in (None, "none") else None,
+        f"label smoothing {label_smoothing:g}" if label_smoothing else None,
+    ]
+    techniques = [technique for technique in techniques if technique]
+    if not techniques:
+        return f"sparse training{mask} with none of ToST's techniques (vanilla sparse training)."
+    return f"the ToST recipe for pruned networks{mask}, with {_join(techniques)}."
+
+
+def method_sentence(model, report: TrainingReport) -> str:
+    """The card's summary of how the model was trained: only the techniques that were on, read from the model's
+    config (token and attention keep ratios, `weight_sparsity`) and the report's settings."""
+    if report.method == "tri_level":
+        return _tri_level_sentence(model, report)
+    if report.method == "tost":
+        return _tost_sentence(model, report)
+    if report.method == "dense":
+        return DENSE_SENTENCE
+    return f"{report.method}."
+
+
 def sparsity_settings(model, report: TrainingReport | None) -> list[tuple[str, str]]:
     """The card's settings table: SparseViT's token and attention sparsity, the weight mask recorded in
-    `config.weight_sparsity` (ToSTTrainer writes it), and the training method's settings."""
+    `config.weight_sparsity` (ToSTTrainer writes it), and the training method's settings, each label once (the
+    first source wins)."""
     config = model.config
     rows = []
     if _is_sparse_vit(model):
@@ -89,10 +153,13 @@ def sparsity_settings(model, report: TrainingReport | None) -> list[tuple[str, s
         ]
     weight_sparsity = getattr(config, "weight_sparsity", None)
     if weight_sparsity:
-        rows += [(f"weight mask {key}", str(value)) for key, value in weight_sparsity.items()]
+        rows += [(f"weight mask {key.replace('_', ' ')}", str(value)) for key, value in weight_sparsity.items()]
     if report is not None:
         rows += [(key.replace("_", " "), str(value)) for key, value in report.settings.items()]
-    return rows
+    unique: dict[str, str] = {}
+    for name, value in rows:
+        unique.setdefault(name, value)
+    return list(unique.items())
 
 
 def _architecture(model) -> str:
@@ -160,7 +227,7 @@ def build_model_card(
         model_kind="SparseViT" if sparse_vit else type(model).__name__,
         remote_code=sparse_vit,
         repo_id=repo_id,
-        method_sentence=METHOD_SENTENCES.get(report.method, report.method),
+        method_sentence=method_sentence(model, report),
         has_processor=has_processor,
         settings=sparsity_settings(model, report),
         results=results,

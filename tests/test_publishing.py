@@ -276,3 +276,43 @@ def test_push_to_hub_refuses_a_wrong_argument_type_before_anything_is_uploaded(h
     with pytest.raises(TypeError, match="`model`"):
         hf_sparse.push_to_hub(model.state_dict(), "user/typed")
     assert hub_server.count_requests() == 0  # no repo created, nothing uploaded
+
+
+def card_summary_and_rows(card: ModelCard) -> tuple[str, list[str]]:
+    """The card's one-line summary of how the model was trained, and the labels of its settings table."""
+    summary = next(line for line in card.text.splitlines() if line.startswith("A **"))
+    settings = card.text.split("## Sparsity settings", 1)[1].split("##", 1)[0]
+    labels = [line.split("|")[1].strip() for line in settings.splitlines() if line.startswith("| ")]
+    return summary, labels[1:]  # without the header row
+
+
+def test_a_tost_card_with_only_label_smoothing_on_says_label_smoothing_and_not_ghosts(tmp_path):
+    from hf_sparse import ToSTTrainer, ToSTTrainingArguments
+
+    from tri_level_helpers import tiny_resnet
+
+    # the CNN family's recipe: label smoothing alone (ghosts, GradInit and density rescaling off)
+    args = ToSTTrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, report_to=[],
+                                 use_cpu=True, mask_method="magnitude", sparsity=0.5, disable_tqdm=True)
+    trainer = ToSTTrainer(model=tiny_resnet(), args=args, train_dataset=with_tiny_transform(tiny_image_dataset(16)))
+    trainer.setup_sparsity()
+    summary, labels = card_summary_and_rows(hf_sparse.hub.build_model_card(trainer.model, trainer.training_report()))
+    assert "label smoothing 0.1" in summary and "50 %-sparse weight mask (magnitude)" in summary
+    assert "ghost" not in summary and "rescaled init" not in summary
+    assert len(labels) == len(set(labels)) and "mask method" not in labels and "weight mask method" in labels
+
+
+def test_a_tri_level_card_with_token_pruning_alone_names_only_token_pruning(tmp_path):
+    from hf_sparse import TriLevelTrainingArguments
+
+    args = TriLevelTrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8,
+                                     report_to=[], use_cpu=True, token_keep_ratio=0.5, disable_tqdm=True)
+    trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=with_tiny_transform(tiny_image_dataset(16)))
+    summary, labels = card_summary_and_rows(hf_sparse.hub.build_model_card(trainer.model, trainer.training_report()))
+    assert "token pruning (keep ratio 0.5 in layers 0, 1)" in summary
+    assert "example pruning" not in summary and "attention sparsity" not in summary
+    assert len(labels) == len(set(labels)) and "example inactive fraction" not in labels
+    dense = TriLevelTrainer(model=tiny_sparse_vit(), args=TriLevelTrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, token_keep_ratio=1.0))
+    summary, labels = card_summary_and_rows(hf_sparse.hub.build_model_card(dense.model, dense.training_report()))
+    assert "all three levels off" in summary and "token/attention schedule" not in labels

@@ -302,14 +302,15 @@ class ToSTTrainer(SparseTrainer):
     # --- saving: weights with exact zeros, the masks beside them, the mask summary in the config ------------------
 
     def report_settings(self) -> dict[str, Any]:
+        """The card's rows for ToST's four techniques (the mask is `config.weight_sparsity`'s rows). Label smoothing
+        is the paper's alpha: alpha / (C - 1) on each wrong class."""
         args = self.args
         return {
-            "mask method": self.mask_metadata.get("method", args.mask_method),
             "ghost soft neurons": args.ghost_soft_neurons,
             "ghost skip connections": args.ghost_skip_connections,
             **({"ghosts removed after": f"{args.ghost_end_fraction:g} of training"} if args.uses_ghosts else {}),
             "rescaled init": args.rescaled_init,
-            "label smoothing (alpha / (C-1) per wrong class)": args.label_smoothing,
+            "label smoothing": args.label_smoothing,
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -228,15 +228,19 @@ class TriLevelTrainer(SparseTrainer):
     # --- report and checkpoints: the example-pruning state travels with every checkpoint ------------------------
 
     def report_settings(self) -> dict[str, Any]:
-        args = self.args
-        return {
-            "example_pruning": args.example_pruning,
-            "example_inactive_fraction": args.example_inactive_fraction,
-            "token/attention schedule": (
+        """The card's rows for what ran: example pruning (its fraction only when on) and the keep-ratio schedule
+        only when the model prunes tokens or attention (its final ratios are rows of the card already)."""
+        args, config = self.args, self.unwrapped_model.config
+        settings: dict[str, Any] = {"example pruning": args.example_pruning}
+        if args.example_pruning != "none":
+            settings["example inactive fraction"] = args.example_inactive_fraction
+        ratios = (getattr(config, "token_keep_ratio", 1.0), getattr(config, "attention_keep_ratio", 1.0))
+        if min(ratios) < 1.0:
+            settings["token/attention schedule"] = (
                 f"dense for {args.sparsity_warmup_fraction:.3g} of training, cosine to the final ratios over "
                 f"{args.sparsity_decay_fraction:.3g}"
-            ),
-        }
+            )
+        return settings
 
     def save_method_state(self, directory: str) -> None:
         if self.example_pruner is not None:
