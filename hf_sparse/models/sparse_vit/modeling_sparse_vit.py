@@ -39,6 +39,12 @@ except ImportError:  # pragma: no cover
     BlockMask = create_block_mask = flex_attention = None
 
 
+try:  # torch >= 2.5; transformers offers "flex_attention" only where it exists
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask = create_block_mask = flex_attention = None
+
+
 @dataclass
 class SparseViTModelOutput(BaseModelOutputWithPooling):
     r"""
@@ -231,13 +237,14 @@ def flex_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """FlexAttention with the boolean connection mask as a block mask: attention sparsity keeps a fused kernel.
 
-    Where torch's flex_attention cannot run, SDPA runs instead with the same mask (the same result): attention
-    dropout (flex has none) and gradients on CPU (flex has no CPU backward).
+    SDPA runs instead, with the same mask and result, where flex adds nothing or cannot run: without a connection
+    mask (SDPA's flash kernel is fused already, and a layer then compiles no flex kernel of its own), with attention
+    dropout (flex has none), and with gradients on CPU (flex has no CPU backward).
     """
-    if dropout > 0.0 or (query.device.type == "cpu" and query.requires_grad):
+    if attention_mask is None or dropout > 0.0 or (query.device.type == "cpu" and query.requires_grad):
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    block_mask = connection_block_mask(attention_mask) if attention_mask is not None else None
+    block_mask = connection_block_mask(attention_mask)
     attn_output = _flex_attention_kernel(query.device)(query, key, value, block_mask=block_mask, scale=scaling)
     return attn_output.transpose(1, 2).contiguous(), None
 
@@ -529,6 +536,8 @@ class SparseViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SparseViTEmbeddings", "SparseViTLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True  # the connection mask becomes a block mask (`flex_attention_forward`)
+    _supports_flash_attn = True  # without attention sparsity only: a connection mask is refused, never dropped
     _supports_flex_attn = True  # the connection mask becomes a block mask (`flex_attention_forward`)
     _supports_flash_attn = True  # without attention sparsity only: a connection mask is refused, never dropped
     # The loss is a per-batch mean that ignores `num_items_in_batch`: let the Trainer scale it for accumulation.
