@@ -23,6 +23,7 @@ from hf_sparse.tost.masks import (
     iterative_magnitude_pruning,
     load_masks,
     mask_sparsity,
+    masked_weight_sparsity,
     masks_from_scores,
     prune_model,
     read_masks,
@@ -117,8 +118,10 @@ def test_find_prunable_linears_on_hf_vit():
 
 
 def test_find_prunable_linears_names_the_patterns_when_nothing_matches():
-    with pytest.raises(ValueError, match=r"patterns.*nothing_here"):
+    with pytest.raises(ValueError, match=r"patterns.*nothing_here") as error:
         find_prunable_linears(tiny_vit(), patterns=r"nothing_here$")
+    # the arguments that exist: `mask_patterns` on ToSTTrainingArguments, `patterns` on MaskConfig and the functions
+    assert "`mask_patterns` of ToSTTrainingArguments" in str(error.value) and "`patterns=`" not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------- target sparsity
@@ -387,6 +390,69 @@ def test_reapply_rezeroes_weights_written_outside_autograd():
         model.mlp.fc1.weight.fill_(1.0)
     handle.reapply()
     assert torch.equal(model.mlp.fc1.weight != 0, model.mlp.fc1.weight_mask)
+
+
+def test_nan_and_inf_gradients_of_pruned_weights_do_not_leak():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    prune_model(model, MaskConfig(method="magnitude", sparsity=0.5, patterns=(r"mlp\.fc\d$",)))
+    weight, mask = model.mlp.fc1.weight, model.mlp.fc1.weight_mask
+    poison = torch.where(mask, 0.0, torch.tensor([float("nan"), float("inf")]).repeat(mask.numel() // 2).view_as(mask))
+    handle = weight.register_hook(lambda grad: grad + poison)  # a backward that gives pruned weights NaN / inf
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for inputs, labels in mlp_batches(2):  # twice: the second accumulates onto an existing gradient
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        assert torch.isfinite(weight.grad).all() and (weight.grad[~mask] == 0).all()
+    assert (weight.grad[mask] != 0).any()
+    optimizer.step()
+    assert torch.isfinite(weight).all() and (weight[~mask] == 0).all()
+    handle.remove()
+
+
+def test_reapply_works_from_a_cache_without_walking_the_modules(monkeypatch):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    prune_model(model, MaskConfig(method="random", sparsity=0.5, patterns=(r"mlp\.fc\d$",), seed=0))
+    reapply(model)  # builds the cache
+    walks = []
+    original = nn.Module.named_modules
+
+    def counting_named_modules(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "named_modules", counting_named_modules)
+    with torch.no_grad():
+        for module in (model.mlp.fc1, model.mlp.fc2):
+            module.weight.add_(1.0)  # written outside autograd
+    expected = {name: module.weight.detach().masked_fill(~module.weight_mask, 0)
+                for name, module in (("fc1", model.mlp.fc1), ("fc2", model.mlp.fc2))}
+    for _ in range(3):
+        reapply(model)
+    assert walks == []  # per step: no module walk
+    assert torch.equal(model.mlp.fc1.weight, expected["fc1"]) and torch.equal(model.mlp.fc2.weight, expected["fc2"])
+
+    # The cache follows a mask edited in place and a replaced parameter (what `fully_shard` does), with their hooks.
+    model.mlp.fc1.weight_mask.fill_(True)
+    model.mlp.fc1.weight_mask[0] = False
+    model.mlp.fc2.weight = nn.Parameter(torch.ones_like(model.mlp.fc2.weight))
+    reapply(model)
+    assert (model.mlp.fc1.weight[0] == 0).all() and (model.mlp.fc1.weight[1:] != 0).any()
+    assert torch.equal(model.mlp.fc2.weight != 0, model.mlp.fc2.weight_mask)
+    inputs, labels = mlp_batches(1)[0]
+    nn.functional.cross_entropy(model(inputs), labels).backward()
+    assert (model.mlp.fc1.weight.grad[0] == 0).all() and (model.mlp.fc1.weight.grad[1:] != 0).any()
+    assert (model.mlp.fc2.weight.grad[~model.mlp.fc2.weight_mask] == 0).all()
+
+
+def test_masked_weight_sparsity_counts_the_zeros_of_the_masked_weights():
+    model = TinyMLP()
+    assert masked_weight_sparsity(model) is None
+    prune_model(model, MaskConfig(method="magnitude", sparsity=0.5, patterns=(r"mlp\.fc\d$",)))
+    with torch.no_grad():
+        model.mlp.fc2.weight[0, model.mlp.fc2.weight_mask[0]] = 0.0  # some kept weights are zero too
+    assert masked_weight_sparsity(model) == pytest.approx(sparsity_report(model)["prunable_sparsity"])
+    assert masked_weight_sparsity(model) > 0.5
 
 
 def test_deepcopy_gets_its_own_gradient_hooks_and_remove_masks_detaches_everything():

@@ -75,8 +75,11 @@ def round_arguments(args: TrainingArguments, steps: int, total_steps: int, round
     accumulation, clipping and precision over `steps` (an absolute warm-up scaled to the round), with no saving,
     evaluation, logging (nor a change of the log level) or label smoothing, and a seed and data order of the round's
     own."""
-    if getattr(args, "deepspeed", None):
-        raise ValueError("`mask_method='lottery_ticket'` does not support DeepSpeed: its rounds need whole parameters.")
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        raise ValueError(
+            "`mask_method='lottery_ticket'` does not support DeepSpeed or FSDP: its rounds train whole parameters "
+            "before the run shards them. Use DDP (`accelerate launch --multi_gpu`) or another `mask_method`."
+        )
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     warmup = args.warmup_steps
     if isinstance(warmup, int) and warmup >= 1:

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 from ..logging_utils import get_logger
 from ..trainers.base import SparseTrainer
@@ -40,7 +42,8 @@ from .arguments import ToSTTrainingArguments
 from .batches import SeededBatches
 from .ghosts import GhostCallback
 from .label_smoothing import label_smoothing_epsilon, smoothed_cross_entropy
-from .masks import MASKS_FILENAME, MaskCallback, get_masks, load_masks, mask_sparsity, masked_modules, model_family
+from .masks import MASKS_FILENAME, MaskCallback, get_masks, load_masks, mask_sparsity, model_family
+from .masks import masked_weight_sparsity
 from .masks import reapply
 from .masks import save_masks, sparsity_report
 from .setup import broadcast_parameters, compute_masks_for, lottery_ticket, rescale_initialisation, sync_masks
@@ -61,9 +64,11 @@ class ToSTTrainer(SparseTrainer):
 
     Evaluation during the ghost phase sees the network being trained (with its ghosts); after it, and in every saved
     model, the original architecture. The evaluation loss includes the label smoothing, as with HF's
-    `label_smoothing_factor`. Data-parallel training (DDP through `accelerate launch`) is supported; FSDP is not.
-    Progress goes to the `hf_sparse.tost` loggers (per-layer sparsity, IMP rounds, ghost removal) and to the
-    Trainer's logs (`sparsity` and `ghost_progress` with every loss).
+    `label_smoothing_factor`. Data-parallel training (DDP through `accelerate launch`) and FSDP2 (`fsdp_version: 2`)
+    are supported; FSDP1, DeepSpeed ZeRO-3 and a model sharded beforehand are refused at construction.
+    Progress goes to the `hf_sparse.tost` loggers at INFO, shown with `log_level="info"` as transformers' own messages
+    are (per-layer sparsity, each IMP round once, ghosts attached and removed, the rescaled initialisation), and to
+    the Trainer's logs (`sparsity` and `ghost_progress` with every loss).
 
     Attributes after `setup_sparsity()` / `train()`:
         sparsity_setup: what was done (mask source and method, seconds spent, GradInit steps, cross-rank check,
@@ -87,11 +92,7 @@ class ToSTTrainer(SparseTrainer):
                 None, "single_label_classification")
             args.apply_family_recipe(self.family, single_label=single_label)
         super().__init__(model=model, args=args, **kwargs)
-        if getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                "ToSTTrainer does not support FSDP: weight masks need whole, unsharded parameters. Use DDP "
-                "(`accelerate launch --multi_gpu`)."
-            )
+        self._check_sharding()
         config = getattr(self.unwrapped_model, "config", None)
         if args.label_smoothing > 0:
             if getattr(config, "problem_type", None) in ("regression", "multi_label_classification"):
@@ -111,6 +112,38 @@ class ToSTTrainer(SparseTrainer):
         )
         self.add_callback(self.ghosts)
         self.add_callback(MaskCallback())
+
+    def _check_sharding(self) -> None:
+        """Refuse, before any step, the sharding under which masks cannot stay right: FSDP1, DeepSpeed ZeRO-3 and a
+        model sharded before it reached the trainer. FSDP2 through accelerate is supported (see `masks/model.py`)."""
+        instead = ("Use FSDP2 (`fsdp_version: 2` in accelerate's config, or `fsdp_config={'version': 2}`) or DDP "
+                   "(`accelerate launch --multi_gpu`).")
+        if getattr(self, "is_fsdp_enabled", False):
+            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+            if version != 2:
+                raise ValueError(
+                    f"ToSTTrainer does not support FSDP{version}: it flattens the weights, so the weight masks cannot "
+                    f"follow them. {instead}"
+                )
+        if getattr(self, "is_deepspeed_enabled", False):
+            stage = getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None)
+            if stage == 3:
+                raise ValueError(
+                    f"ToSTTrainer does not support DeepSpeed ZeRO-3: it partitions the weights outside the masks' "
+                    f"reach. {instead}"
+                )
+        model = self.model  # as given: `unwrapped_model` would already look inside an FSDP1 wrapper
+        if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            raise ValueError(f"ToSTTrainer got a model wrapped in FSDP1 (`FullyShardedDataParallel`). {instead}")
+        if any(isinstance(module, FSDPModule) for module in model.modules()) or any(
+            isinstance(parameter, DTensor) for parameter in model.parameters()
+        ):
+            raise ValueError(
+                "ToSTTrainer got a model that is already sharded (`fully_shard` or DTensor parameters): the masks are "
+                "computed on whole weights before sharding. Pass the unsharded model and let the Trainer shard it "
+                "(FSDP2: `fsdp_version: 2` in accelerate's config), or, without the Trainer, apply the masks before "
+                "`fully_shard` and call `reapply(model)` after it."
+            )
 
     @property
     def ghost_removed_at_step(self) -> int | None:
@@ -291,10 +324,9 @@ class ToSTTrainer(SparseTrainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
-            masked = [module.weight for module in masked_modules(self.unwrapped_model).values()]
-            if masked:
-                zeros = sum(int((weight == 0).sum()) for weight in masked)
-                logs["sparsity"] = round(zeros / sum(weight.numel() for weight in masked), 6)
+            sparsity = masked_weight_sparsity(self.unwrapped_model)  # one host sync, no module walk
+            if sparsity is not None:
+                logs["sparsity"] = round(sparsity, 6)
             if self.ghosts.progress is not None:
                 logs["ghost_progress"] = round(self.ghosts.progress, 4)
         super().log(logs, *args, **kwargs)

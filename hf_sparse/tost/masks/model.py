@@ -6,23 +6,36 @@ It lives on the module as the non-persistent buffer `weight_mask`, so it follows
 `torch.nn.utils.prune` nothing is re-parameterised: `module.weight` stays the trained `nn.Parameter`.
 
 Two mechanisms keep pruned weights at exactly zero during training:
-* a gradient hook on each masked weight zeroes the gradient of pruned entries before it is accumulated, so
-  momentum and Adam moments of pruned weights stay zero, under gradient accumulation and DDP alike;
-* `reapply()` (call it after every optimizer step) zeroes them again, a guard against anything that writes
-  weights outside autograd (EMA, weight loading, a custom optimizer).
+* a post-accumulate-grad hook on each masked weight zeroes, in place, the gradient of pruned entries as soon as it is
+  accumulated (before DDP buckets it or an optimizer reads it), so momentum and Adam moments of pruned weights stay
+  zero, under gradient accumulation and DDP alike; `masked_fill_` rather than a product, so a NaN/inf gradient of a
+  pruned weight never leaks;
+* `reapply()` (call it after every optimizer step) zeroes them again with one fused `torch._foreach_mul_` over all
+  masked weights, a guard against anything that writes weights outside autograd (EMA, weight loading, a custom
+  optimizer).
+
+Both work from a per-model cache of (weight, mask) pairs, rebuilt when a parameter, a mask buffer or a mask's content
+changes, so no step walks the modules. Under FSDP2 (`torch.distributed.fsdp.fully_shard`) the weights become DTensors:
+the cache then holds each mask's local shard (sharded like its weight), the hooks sit on the sharded parameters (FSDP2
+calls them after the reduce-scatter) and the products run on the local shards; the `weight_mask` buffers stay whole,
+so `save_masks` writes and `load_masks` reads whole masks. Call `reapply(model)` once after `fully_shard` (the
+`ToSTTrainer` does so when training begins) to move the hooks onto the sharded parameters. FSDP1
+(`FullyShardedDataParallel`) flattens the weights and is refused.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import DEFAULT_PRUNABLE_PATTERNS, MASK_BUFFER_NAME, normalize_patterns
@@ -34,10 +47,15 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 
 MaskDict = dict[str, torch.Tensor]
 
-# Parameter -> handle of its gradient-masking hook. Keyed weakly by the parameter's identity (not stored on the
-# module) so a deep copy of the model never shares, nor removes, the original's hooks: `Parameter.__deepcopy__`
-# drops hooks and `reapply` re-installs them on the copy.
+# Parameter -> (handle of its gradient-masking hook, [local pruned mask]). Keyed weakly by the parameter's identity
+# (not stored on the module) so a deep copy of the model never shares, nor removes, the original's hooks:
+# `Parameter.__deepcopy__` drops hooks and `reapply` re-installs them on the copy. The one-element list lets a new
+# mask reach an installed hook without re-registering it.
 _GRAD_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+# Bumped by `apply_masks` / `remove_masks` (on any model): every cache of masked weights is then rebuilt once.
+_MASKS_GENERATION = [0]
+_CACHE_ATTRIBUTE = "_hf_sparse_masked_weights"
 
 
 def model_family(model: nn.Module) -> str:
@@ -81,7 +99,8 @@ def find_prunable_layers(
     if not found:
         raise ValueError(
             f"No nn.Linear or convolution module of {type(model).__name__} matches the prunable patterns "
-            f"{list(patterns)}; pass `patterns=` with regexes matching your module names."
+            f"{list(patterns)}; pass regexes matching your module names (`mask_patterns` of ToSTTrainingArguments, "
+            "`patterns` of MaskConfig and of the mask functions)."
         )
     return found
 
@@ -113,30 +132,131 @@ def _as_bool_mask(name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.
     return mask.to(device=weight.device)
 
 
-def _mask_grad_hook(module: nn.Module) -> Any:
-    module_ref = weakref.ref(module)
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        owner = module_ref()
-        mask = None if owner is None else owner._buffers.get(MASK_BUFFER_NAME)
-        if mask is None:
-            return grad
-        # masked_fill rather than a product: a NaN/inf gradient of a pruned weight must not leak through 0 * x.
-        return grad.masked_fill(~mask, 0)
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError(
+            "Weight masks do not support FSDP1 (`FullyShardedDataParallel`): it flattens the weights, so the masks "
+            "cannot follow them. Use FSDP2 (`fully_shard`, or `fsdp_version: 2` in accelerate's config) or DDP."
+        )
+
+
+def _local_mask(name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The part of the whole boolean `mask` that matches the local values of `weight`: the mask itself for a plain
+    weight, the shard with the weight's mesh and placements for a DTensor (FSDP2) weight."""
+    local_weight = _local(weight)
+    if isinstance(weight, DTensor):
+        # src_data_rank=None: every rank holds the whole mask already, so each keeps its own chunk, no communication.
+        mask = distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
+    mask = mask.to(local_weight.device)
+    if mask.shape != local_weight.shape:
+        raise ValueError(
+            f"The mask of `{name}` does not fit the local values of its weight ({tuple(mask.shape)} vs "
+            f"{tuple(local_weight.shape)}): the weight was flattened or resharded (FSDP1?). Masks support plain "
+            "weights and FSDP2 DTensor weights."
+        )
+    return mask
+
+
+def _mask_grad_hook(pruned: list[torch.Tensor]) -> Any:
+    @torch.no_grad()
+    def hook(parameter: torch.Tensor) -> None:
+        grad = parameter.grad
+        if grad is not None:
+            # In place, after accumulation, on the local shard under FSDP2; masked_fill_ rather than a product: a
+            # NaN/inf gradient of a pruned weight must not leak through 0 * x.
+            _local(grad).masked_fill_(pruned[0], 0)
 
     return hook
 
 
-def _ensure_grad_hook(module: nn.Module) -> None:
-    weight = module.weight
-    if weight.requires_grad and weight not in _GRAD_HOOKS:
-        _GRAD_HOOKS[weight] = weight.register_hook(_mask_grad_hook(module))
+def _ensure_grad_hook(weight: nn.Parameter, pruned: torch.Tensor) -> None:
+    if not weight.requires_grad:
+        return
+    if weight in _GRAD_HOOKS:
+        _GRAD_HOOKS[weight][1][0] = pruned
+    else:
+        holder = [pruned]
+        _GRAD_HOOKS[weight] = (weight.register_post_accumulate_grad_hook(_mask_grad_hook(holder)), holder)
 
 
-def _remove_grad_hook(module: nn.Module) -> None:
-    handle = _GRAD_HOOKS.pop(module.weight, None)
-    if handle is not None:
-        handle.remove()
+def _remove_grad_hook(weight: torch.Tensor) -> None:
+    entry = _GRAD_HOOKS.pop(weight, None)
+    if entry is not None:
+        entry[0].remove()
+
+
+@dataclass
+class _MaskedWeight:
+    """One masked weight as cached for the per-step passes: what it was built from (to notice a change) and the
+    local pruned mask (gradients, `masked_fill_`) and kept mask in the weight's dtype (weights, `_foreach_mul_`)."""
+
+    module: nn.Module
+    weight: nn.Parameter
+    mask: torch.Tensor
+    mask_version: int
+    pruned: torch.Tensor
+    keep: torch.Tensor
+
+    def is_current(self) -> bool:
+        weight = self.module._parameters.get("weight")
+        local = _local(weight) if weight is not None else None
+        return (
+            weight is self.weight
+            and self.module._buffers.get(MASK_BUFFER_NAME) is self.mask
+            and self.mask._version == self.mask_version
+            and local.dtype == self.keep.dtype
+            and local.device == self.keep.device
+        )
+
+
+class _MaskedWeightCache:
+    """Lives in the model's `__dict__`; a deep copy or a pickle of the model starts without it (new parameters)."""
+
+    def __init__(self, generation: int = -1, entries: list[_MaskedWeight] | None = None) -> None:
+        self.generation = generation
+        self.entries = entries or []
+
+    def __deepcopy__(self, memo: dict) -> _MaskedWeightCache:
+        return _MaskedWeightCache()
+
+    def __reduce__(self) -> tuple:
+        return (_MaskedWeightCache, ())
+
+
+def _build_masked_weights(model: nn.Module) -> list[_MaskedWeight]:
+    _refuse_fsdp1(model)
+    entries = []
+    for name, module in model.named_modules():
+        mask = module._buffers.get(MASK_BUFFER_NAME)
+        if mask is None:
+            continue
+        weight = module.weight
+        local_mask = _local_mask(name, mask, weight)
+        pruned = ~local_mask
+        entries.append(_MaskedWeight(module, weight, mask, mask._version, pruned, local_mask.to(_local(weight).dtype)))
+        _ensure_grad_hook(weight, pruned)
+        if weight.grad is not None:  # a gradient accumulated before this (new) mask or (new) parameter was known
+            with torch.no_grad():
+                _local(weight.grad).masked_fill_(pruned, 0)
+    return entries
+
+
+def _masked_weights(model: nn.Module) -> list[_MaskedWeight]:
+    """The cached (weight, mask) pairs of `model`, rebuilt (one module walk) only when something changed: masks
+    applied or removed anywhere, a parameter replaced (`fully_shard`, `to_empty`), a mask moved or edited in place."""
+    cache = model.__dict__.get(_CACHE_ATTRIBUTE)
+    generation = _MASKS_GENERATION[0]
+    if cache is None or cache.generation != generation or not all(entry.is_current() for entry in cache.entries):
+        cache = _MaskedWeightCache(generation, _build_masked_weights(model))
+        model.__dict__[_CACHE_ATTRIBUTE] = cache
+    return cache.entries
 
 
 def apply_masks(
@@ -163,6 +283,8 @@ def apply_masks(
                 f"`masks` names `{name}`, a {type(module).__name__}; only nn.Linear and convolution modules are masked."
             )
         mask = _as_bool_mask(name, mask, module.weight)
+        if isinstance(mask, DTensor):
+            mask = mask.full_tensor()  # the buffer holds the whole mask; the local shard is cached
         if MASK_BUFFER_NAME in module._buffers:
             module._buffers[MASK_BUFFER_NAME] = mask
         elif hasattr(module, MASK_BUFFER_NAME):
@@ -172,26 +294,53 @@ def apply_masks(
             )
         else:
             module.register_buffer(MASK_BUFFER_NAME, mask, persistent=False)
-        with torch.no_grad():
-            module.weight.masked_fill_(~mask, 0)
-        _ensure_grad_hook(module)
+    _MASKS_GENERATION[0] += 1
+    with torch.no_grad():
+        for entry in _masked_weights(model):  # masked_fill_: exact zeros even where a weight is NaN/inf
+            _local(entry.weight).masked_fill_(entry.pruned, 0)
     return WeightMasks(model, metadata)
 
 
 @torch.no_grad()
 def reapply(model: nn.Module) -> None:
-    """Zero the pruned weights again (call after every optimizer step) and re-install missing gradient hooks."""
-    for module in masked_modules(model).values():
-        module.weight.masked_fill_(~module._buffers[MASK_BUFFER_NAME], 0)
-        _ensure_grad_hook(module)
+    """Zero the pruned weights again (call after every optimizer step; once after `fully_shard`).
+
+    One fused `torch._foreach_mul_` over the local values of all masked weights, from a cache of the (weight, mask)
+    pairs; the gradient hooks are (re)installed when the cache is rebuilt (new masks, new or sharded parameters).
+    """
+    entries = _masked_weights(model)
+    if entries:
+        torch._foreach_mul_([_local(entry.weight) for entry in entries], [entry.keep for entry in entries])
+
+
+def masked_weight_sparsity(model: nn.Module) -> float | None:
+    """Fraction of the masked weights that are exactly zero (whole weights, also under FSDP2), with one host sync;
+    None on a model without masks.
+
+    Under FSDP2 the counts of the local shards are summed over the sharded mesh dimensions: call it on every rank.
+    """
+    entries = _masked_weights(model)
+    if not entries:
+        return None
+    device = _local(entries[0].weight).device
+    counts = torch.stack([(_local(entry.weight) == 0).sum().to(device) for entry in entries])
+    zeros = counts.sum()
+    sharded = next((entry.weight for entry in entries if isinstance(entry.weight, DTensor)), None)
+    if sharded is not None and dist.is_available() and dist.is_initialized():
+        for dim, placement in enumerate(sharded.placements):
+            if isinstance(placement, Shard):
+                dist.all_reduce(zeros, group=sharded.device_mesh.get_group(dim))
+    return zeros.item() / sum(entry.weight.numel() for entry in entries)
 
 
 def remove_masks(model: nn.Module) -> MaskDict:
     """Detach all masks (buffers and gradient hooks); the weights keep their zeros. Returns the removed masks."""
     removed = {}
     for name, module in masked_modules(model).items():
-        _remove_grad_hook(module)
+        _remove_grad_hook(module.weight)
         removed[name] = module._buffers.pop(MASK_BUFFER_NAME)
+    _MASKS_GENERATION[0] += 1
+    model.__dict__.pop(_CACHE_ATTRIBUTE, None)
     return removed
 
 
