@@ -32,6 +32,8 @@ def test_tri_level_two_ranks_share_one_global_active_set(tmp_path):
     assert first["epoch_order"] == second["epoch_order"]
     assert first["forgetting_count"] == second["forgetting_count"]
     assert first["weights_checksum"] == pytest.approx(second["weights_checksum"], rel=1e-6)  # DDP kept them in sync
+    # DDP built without the per-step search for unused parameters (every parameter gets a gradient)
+    assert [(r["ddp_wrapper"], r["find_unused_parameters"]) for r in ranks] == [("DistributedDataParallel", False)] * 2
     # 48 active examples per epoch split over 2 ranks x 4 -> 6 steps per epoch, 3 epochs; every rank saw all
     assert first["global_step"] == 18 and first["samples_seen"] == 3 * 48
     assert len(first["active"]) == 48
@@ -58,6 +60,8 @@ def test_tost_two_ranks_hold_identical_masks_and_write_checkpoints_once(tmp_path
     # 64 examples / (2 ranks x 4) -> 8 steps per epoch, 3 epochs; ghosts gone after 30 % (at step 8)
     assert first["global_step"] == 24 and first["ghost_removed_at_step"] == second["ghost_removed_at_step"] == 8
     assert first["last_loss"] < first["first_loss"]
+    # no search for unused parameters, through the ghost phase, the ghosts' removal and the rest of training
+    assert [(r["ddp_wrapper"], r["find_unused_parameters"]) for r in ranks] == [("DistributedDataParallel", False)] * 2
     checkpoints = sorted(tmp_path.glob("checkpoint-*"))
     assert [p.name for p in checkpoints] == ["checkpoint-16", "checkpoint-24", "checkpoint-8"]
     for checkpoint in checkpoints:
@@ -76,3 +80,20 @@ def test_tost_on_a_resnet_two_ranks_find_the_same_lottery_ticket(tmp_path):
     assert abs(first["mask_sparsity"] - 0.8) <= 0.005 and first["pruned_nonzero"] == second["pruned_nonzero"] == 0
     assert first["weights_checksum"] == pytest.approx(second["weights_checksum"], rel=1e-6)
     assert first["global_step"] == 24 and first["ghost_removed_at_step"] == second["ghost_removed_at_step"] == 8
+    assert (first["find_unused_parameters"], second["find_unused_parameters"]) == (False, False)
+
+
+@pytest.mark.parametrize("explicit", [None, True, False])
+def test_trainers_skip_ddps_search_for_unused_parameters_unless_asked(tmp_path, explicit):
+    from hf_sparse import ToSTTrainer, ToSTTrainingArguments, TriLevelTrainer, TriLevelTrainingArguments
+    from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
+
+    data = with_tiny_transform(tiny_image_dataset(16))
+    chosen = {} if explicit is None else {"ddp_find_unused_parameters": explicit}
+    for trainer_class, arguments_class in ((TriLevelTrainer, TriLevelTrainingArguments),
+                                           (ToSTTrainer, ToSTTrainingArguments)):
+        args = arguments_class(output_dir=str(tmp_path), report_to=[], use_cpu=True, **chosen)
+        assert args.ddp_find_unused_parameters is (False if explicit is None else explicit)
+        trainer = trainer_class(model=tiny_sparse_vit(), args=args, train_dataset=data)
+        # what accelerate hands to DistributedDataParallel
+        assert trainer.accelerator.ddp_handler.find_unused_parameters is (False if explicit is None else explicit)

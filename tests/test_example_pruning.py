@@ -20,6 +20,7 @@ from hf_sparse.tri_level import (
     load_example_pruner,
     plan_refresh_epochs,
 )
+from hf_sparse.tri_level.example_pruning.pruner import _PendingRecord
 
 METHOD_FIELDS = {
     "forgetting": {"inactive_fraction": 0.2, "swap_fraction": 0.05},
@@ -160,6 +161,67 @@ def test_record_counts_duplicates_once_and_validates():
         pruner.record(torch.tensor([10]), torch.tensor([True]), torch.tensor([0.1]))
     pruner.record(torch.tensor([3]), torch.tensor([True]), torch.tensor([float("nan")]))
     assert pruner.last_loss[3] == float("inf")  # NaN loss: unknown, treated as hard
+
+
+def test_record_async_is_applied_in_order_before_anything_reads_the_statistics(monkeypatch):
+    # Copies still in flight (as on an accelerator): nothing is applied until a reader needs the statistics.
+    monkeypatch.setattr(_PendingRecord, "ready", lambda self: False)
+    direct, deferred = (ForgettingExamplePruner(40, seed=0, refresh_epochs=[1], swap_fraction=0.1) for _ in range(2))
+    generator = torch.Generator().manual_seed(0)
+    order = direct.epoch_indices(0)
+    assert torch.equal(deferred.epoch_indices(0), order)
+    batches = [
+        (batch, torch.rand(batch.numel(), generator=generator) < 0.5, torch.rand(batch.numel(), generator=generator),
+         None if position == 0 else torch.rand(batch.numel(), generator=generator))
+        for position, batch in enumerate(order.split(8))
+    ]
+    for batch in batches:
+        direct.record(*batch)
+        deferred.record_async(*batch)
+    assert deferred.num_pending == len(batches) and int(deferred.presentations.sum()) == 0
+    # record() applies the queued batches first: the order decides the forgetting transitions
+    again = (order[:8], torch.zeros(8, dtype=torch.bool), torch.ones(8))
+    direct.record(*again)
+    deferred.record(*again)
+    assert deferred.num_pending == 0
+    for batch in batches[:2]:
+        direct.record_async(*batch)
+        deferred.record_async(*batch)
+    # the refresh before epoch 1 sees every batch: the same examples swapped, the same state
+    assert torch.equal(deferred.epoch_indices(1), direct.epoch_indices(1))
+    assert deferred.num_pending == direct.num_pending == 0
+    expected, actual = direct.state_dict(), deferred.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(actual[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+        else:
+            assert actual[key] == value, key
+
+
+def test_queued_records_reach_every_save_and_a_load_replaces_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(_PendingRecord, "ready", lambda self: False)
+    pruner = build_example_pruner("infobatch", 20, num_epochs=4, seed=0, inactive_fraction=0.2)
+    order = pruner.epoch_indices(0)
+    pruner.record_async(order, torch.ones(16, dtype=torch.bool), torch.arange(16.0))
+    pruner.save(tmp_path)
+    assert pruner.num_pending == 0 and load_example_pruner(tmp_path).samples_recorded == 16
+    pruner.record_async(order, torch.ones(16, dtype=torch.bool), torch.arange(16.0))
+    pruner.load(tmp_path)  # the saved state replaces what was recorded after it
+    assert pruner.num_pending == 0 and pruner.samples_recorded == 16
+
+
+def test_loss_weights_stay_on_the_device_and_follow_each_epochs_table():
+    pruner = _infobatch_with_losses()
+    everyone = torch.arange(100)
+    for epoch in (1, 2):
+        pruner.epoch_indices(epoch)
+        table = pruner.state_dict()["epoch_weights"]
+        assert torch.equal(pruner.loss_weights(everyone), table)  # a new epoch's table replaces the device copy
+        pruner.record(everyone, torch.ones(100, dtype=torch.bool), torch.rand(100))
+    # A device whose memory the host cannot read (meta): any copy of the indices to the host would raise.
+    weights = pruner.loss_weights(everyone.to("meta"))
+    assert weights.device.type == "meta" and weights.shape == (100,) and weights.dtype == torch.float32
 
 
 # ---- forgetting refresh ------------------------------------------------------------------------

@@ -190,3 +190,73 @@ def test_saved_pruning_state_loads_without_pickle(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     reloaded = load_example_pruner(tmp_path / "final")
     assert torch.equal(reloaded.active_mask(), trainer.example_pruner.active_mask())
+
+
+# --- no host sync between forward and backward -------------------------------------------------------------------
+
+# Tensor methods that copy device memory to the host (and so wait for the device): explicit copies, and the implicit
+# ones of Python's int()/float()/bool()/index.
+HOST_COPY_METHODS = ("cpu", "item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+class HostCopyRecorder:
+    """Records every host copy made while the window is open: from a training forward to the loss's backward."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, trainer: TriLevelTrainer):
+        self.open = False
+        self.copies: list[str] = []
+        self.windows = 0
+        for name in HOST_COPY_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._recording(name, getattr(torch.Tensor, name)))
+        original_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            # `.to("cpu")` names the host: a copy to it on an accelerator (`.to(device)` cannot be judged on CPU)
+            if self.open and ("cpu" in args or kwargs.get("device") == "cpu"):
+                self.copies.append(".to('cpu')")
+            return original_to(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        trainer.model.register_forward_pre_hook(self._open)
+        original_backward = trainer.accelerator.backward
+
+        def backward(loss, **kwargs):
+            self.open = False
+            return original_backward(loss, **kwargs)
+
+        monkeypatch.setattr(trainer.accelerator, "backward", backward)
+
+    def _open(self, module, inputs) -> None:
+        if module.training:
+            self.open, self.windows = True, self.windows + 1
+
+    def _recording(self, name: str, method):
+        def recorded(tensor, *args, **kwargs):
+            if self.open:
+                self.copies.append(f".{name}()")
+            return method(tensor, *args, **kwargs)
+
+        return recorded
+
+
+@pytest.mark.parametrize("method,accumulation", [("forgetting", 1), ("infobatch", 2)])
+def test_no_host_copy_between_forward_and_backward(tmp_path, monkeypatch, method, accumulation):
+    data = with_tiny_transform(tiny_image_dataset(32), train=False)
+    # infobatch: the second epoch trains with loss weights (the first is a uniform subset, and there is no tail)
+    args = arguments(tmp_path, example_pruning=method, num_train_epochs=2, example_refresh_fraction=0.5,
+                     infobatch_tail_fraction=0.0, gradient_accumulation_steps=accumulation, logging_steps=1)
+    trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
+    recorder = HostCopyRecorder(monkeypatch, trainer)
+    trainer.train()
+    # 24 active examples per epoch in micro-batches of 8: 3 forwards and backwards per epoch
+    assert recorder.windows == 2 * 3
+    assert recorder.copies == []
+    # the statistics still reached the pruner: every micro-batch of both epochs, before the second was planned
+    pruner = trainer.example_pruner
+    assert pruner.num_pending == 0
+    assert pruner.samples_recorded == trainer.samples_seen == 2 * 24
+    assert int(pruner.presentations.sum()) == (24 if method == "forgetting" else 2 * 24)  # forgetting: reset at refresh
+    if method == "infobatch":
+        assert pruner.summary()["mean_loss_weight"] > 1.0  # the kept low-loss examples were up-weighted
+    else:
+        assert pruner.num_refreshes == 1

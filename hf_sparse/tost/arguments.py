@@ -57,7 +57,10 @@ class ToSTTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus ToST's mask and its four techniques. Technique fields left unset (None) take the
     best recipe measured for the model's family (`FAMILY_RECIPES`, filled in by the trainer on a copy of the arguments);
     every technique switches off on its own (`ghost_soft_neurons=False`, `ghost_skip_connections=False`,
-    `rescaled_init="none"`, `label_smoothing=0`), so "vanilla" sparse training is all four off."""
+    `rescaled_init="none"`, `label_smoothing=0`), so "vanilla" sparse training is all four off.
+
+    `ddp_find_unused_parameters` defaults to False here (the Trainer's default searches for unused parameters every
+    step under DDP); set it to True for a model with parameters that get no gradient."""
 
     # --- the mask -------------------------------------------------------------------------------------------------
     mask_method: str = field(
@@ -185,6 +188,11 @@ class ToSTTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ddp_find_unused_parameters is None:
+            # Every parameter of the model gets a gradient at every step (ghost skips and soft neurons hold no
+            # parameters, and removing them leaves none behind), so DDP need not search the autograd graph for unused
+            # ones (the Trainer's default unless gradient checkpointing is on). An explicit True is kept.
+            self.ddp_find_unused_parameters = False
         check_choice("mask_method", self.mask_method, TOST_MASK_METHODS)
         check_fraction("sparsity", self.sparsity)
         check_choice("mask_scope", self.mask_scope, MASK_SCOPES)

@@ -22,6 +22,9 @@ class TriLevelTrainingArguments(TrainingArguments):
     The final token and attention keep ratios belong to the model (`config.token_keep_ratio`,
     `config.attention_keep_ratio`); `token_keep_ratio` / `attention_keep_ratio` here default to the model's own and,
     when set, replace them (the trainer says so once).
+
+    `ddp_find_unused_parameters` defaults to False here (the Trainer's default searches for unused parameters every
+    step under DDP); set it to True for a model with parameters that get no gradient.
     """
 
     # "none" by default: token pruning alone is the setting that won `hf-sparse bench e2e` over 3 seeds in both
@@ -78,6 +81,10 @@ class TriLevelTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ddp_find_unused_parameters is None:
+            # Every parameter of the model gets a gradient at every step, so DDP need not search the autograd graph for
+            # unused ones (the Trainer's default unless gradient checkpointing is on). An explicit True is kept.
+            self.ddp_find_unused_parameters = False
         check_choice("example_pruning", self.example_pruning, EXAMPLE_PRUNING_METHODS)
         check_choice("example_tie_break", self.example_tie_break, TIE_BREAKS)
         if self.example_inactive_fraction is None:

@@ -4,7 +4,10 @@ What differs from the reference code, on purpose:
   * the active example set is global: per-sample statistics are gathered across ranks, so every rank holds the same
     set and draws the same order (seed + epoch); the savings are real optimizer steps not taken (every epoch has
     the planned, smaller size, so the learning-rate schedule and the progress bar count only what is trained);
-  * statistics are recorded vectorised inside the training step, with no per-sample host sync;
+  * statistics are computed vectorised on the device and reach the pruner without any host sync between forward and
+    backward: the loss weights are indexed on the device, and the statistics are gathered across ranks after the
+    backward has been queued and copied to the host without blocking (applied before the next epoch is planned and
+    before every save);
   * correctness is judged on the inputs the model was trained on, against their own labels;
   * ties in forgetting counts are broken by CLS-attention variance (or a seeded permutation), never by index.
 """
@@ -79,6 +82,8 @@ class TriLevelTrainer(SparseTrainer):
             logger.warning("TriLevelTrainer: with `compute_loss_func`, no per-example statistics are recorded, so "
                            "example pruning (%s) cannot score examples.", args.example_pruning)
         self.example_pruner: ExamplePruner | None = None
+        # This step's per-example statistics, on the device: recorded after the backward (see training_step)
+        self._unrecorded_statistics: list[tuple[torch.Tensor, bool]] = []
         self._resume_pruning_from: str | None = None
         self._samples_seen = 0
         self._samples_since_log = 0
@@ -158,10 +163,19 @@ class TriLevelTrainer(SparseTrainer):
 
     # --- training step: loss and statistics -------------------------------------------------------------------
 
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.example_pruner is not None:
+            self.example_pruner.flush()  # the last steps' statistics reach the pruner before anyone reads it
+        return result
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._train_start_time is None:
             self._train_start_time = self._last_log_time = time.perf_counter()
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The backward is queued: gathering and recording now does not hold it up (every micro-batch records).
+        self._record_statistics()
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         example_index = inputs.pop(EXAMPLE_INDEX, None)
@@ -171,27 +185,38 @@ class TriLevelTrainer(SparseTrainer):
         extra = {"output_cls_attention_variance": True} if self._records_cls_variance else {}
         labels = inputs["labels"]
         per_example, outputs = self.classification_loss(model, inputs, **extra)
-        weights = self.example_pruner.loss_weights(example_index.cpu()).to(per_example.device)
+        # Indexed on the device: no host copy between this forward and its backward.
+        weights = self.example_pruner.loss_weights(example_index).to(per_example.device)
         loss = (per_example * weights).mean()  # a per-batch mean (`loss_is_scaled_for_ga=False`)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        self._record(example_index, logits, labels, per_example, getattr(outputs, "cls_attention_variance", None))
+        self._stash_statistics(example_index, logits, labels, per_example,
+                               getattr(outputs, "cls_attention_variance", None))
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record(self, example_index, logits, labels, per_example_loss, cls_variance) -> None:
-        """Gather this step's statistics from every rank, so all ranks update the same global state."""
-        correct = logits.argmax(dim=-1) == labels
-        if cls_variance is None:
+    def _stash_statistics(self, example_index, logits, labels, per_example_loss, cls_variance) -> None:
+        """Keep this batch's statistics on the device until the step's backward is queued (`_record_statistics`)."""
+        correct = logits.argmax(dim=-1) == labels.to(logits.device)
+        has_variance = cls_variance is not None
+        if not has_variance:
             cls_variance = torch.full_like(per_example_loss, float("nan"))
-        statistics = torch.stack((correct.float(), per_example_loss.detach().float(), cls_variance.float()), dim=1)
-        indices = self.accelerator.gather(example_index.long()).cpu()
-        statistics = self.accelerator.gather(statistics).cpu()
-        variance = statistics[:, 2]
-        self.example_pruner.record(
-            indices, statistics[:, 0].bool(), statistics[:, 1], None if torch.isnan(variance).all() else variance
-        )
-        self._samples_seen += indices.shape[0]
-        self._samples_since_log += indices.shape[0]
+        # float64: the example index stays exact (below 2**53) in the one tensor gathered across ranks
+        statistics = torch.stack(
+            (example_index.to(per_example_loss.device).double(), correct.double(), per_example_loss.detach().double(),
+             cls_variance.detach().double()), dim=1)
+        self._unrecorded_statistics.append((statistics, has_variance))
+
+    def _record_statistics(self) -> None:
+        """Gather the stashed statistics from every rank (so all ranks update the same global state) and queue them
+        for the pruner without waiting for the device (`ExamplePruner.record_async`)."""
+        while self._unrecorded_statistics:
+            statistics, has_variance = self._unrecorded_statistics.pop(0)
+            statistics = self.accelerator.gather(statistics)
+            self.example_pruner.record_async(
+                statistics[:, 0], statistics[:, 1] != 0, statistics[:, 2], statistics[:, 3] if has_variance else None
+            )
+            self._samples_seen += statistics.shape[0]
+            self._samples_since_log += statistics.shape[0]
 
     # --- evaluation uses the final ratios -------------------------------------------------------------------------
 

@@ -16,6 +16,15 @@ from tri_level_helpers import tiny_image_dataset, tiny_resnet, tiny_sparse_vit, 
 from hf_sparse import ToSTTrainer, ToSTTrainingArguments, TriLevelTrainer, TriLevelTrainingArguments  # noqa: E402
 
 
+def ddp_settings(trainer) -> dict:
+    """How the Trainer's DDP wrapper was built (`model_wrapped` is the DistributedDataParallel module)."""
+    wrapped = trainer.model_wrapped
+    return {
+        "ddp_wrapper": type(wrapped).__name__,
+        "find_unused_parameters": getattr(wrapped, "find_unused_parameters", None),
+    }
+
+
 def main(trainer_name: str, output_dir: str) -> None:
     data = with_tiny_transform(tiny_image_dataset(64), train=False)
     if trainer_name in ("tost", "tost_resnet"):
@@ -44,6 +53,7 @@ def main(trainer_name: str, output_dir: str) -> None:
         "first_loss": sum(losses[:4]) / 4,
         "last_loss": sum(losses[-4:]) / 4,
         "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+        **ddp_settings(trainer),
     }
     with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle)
@@ -82,6 +92,7 @@ def main_tost(data, output_dir: str, resnet: bool = False) -> None:
         "first_loss": sum(losses[:4]) / 4,
         "last_loss": sum(losses[-4:]) / 4,
         "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+        **ddp_settings(trainer),
     }
     with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle)

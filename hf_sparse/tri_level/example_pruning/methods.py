@@ -125,6 +125,7 @@ class ForgettingExamplePruner(ExamplePruner):
 
     def removal_order(self, epoch: int) -> torch.Tensor:
         """Active examples seen since the last refresh, in the order they would be removed."""
+        self.flush()
         candidates = torch.nonzero(self.active & (self.presentations > 0)).squeeze(1)
         if candidates.numel() == 0:
             return candidates

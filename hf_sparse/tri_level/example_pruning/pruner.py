@@ -8,9 +8,14 @@ Design constraint from the HF Trainer: it fixes the steps per epoch from the fir
 every method yields exactly ``epoch_size`` indices in every epoch.
 
 Distributed training: every process holds a full pruner; epoch orders depend only on (seed, epoch, state), and the
-trainer must call :meth:`ExamplePruner.record` on every rank with the statistics gathered from all ranks, so all
-copies stay identical (unlike the reference code, whose per-rank subsets and statistics undo the sparsity on several
-GPUs).
+trainer must call :meth:`ExamplePruner.record` (or :meth:`ExamplePruner.record_async`) on every rank with the
+statistics gathered from all ranks, so all copies stay identical (unlike the reference code, whose per-rank subsets
+and statistics undo the sparsity on several GPUs).
+
+Accelerators: nothing a training step calls waits for the device. :meth:`ExamplePruner.loss_weights` indexes a copy
+of the weight table kept on the batch's device; :meth:`ExamplePruner.record_async` starts a non-blocking copy of the
+statistics to the host and applies it later, in order, before anything reads the statistics (planning an epoch, a
+refresh, saving, :meth:`ExamplePruner.flush`).
 
 Checkpoints: :meth:`ExamplePruner.save` writes ``<prefix>.safetensors`` (tensors) and ``<prefix>.json`` (scalars and
 the configuration); :meth:`ExamplePruner.load` reads them back without pickle.
@@ -22,7 +27,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +42,19 @@ StateValue = torch.Tensor | int | float | str
 FORMAT_VERSION = 1
 # Stream identifiers for the per-purpose random generators (see ExamplePruner._generator).
 STREAM_INIT, STREAM_ORDER, STREAM_SUBSET, STREAM_REFRESH = 0, 1, 2, 3
+# Columns of a batch's statistics packed for one device-to-host copy (float64 holds every index below 2**53 exactly).
+_INDEX, _CORRECT, _LOSS, _VARIANCE = range(4)
+
+
+class _PendingRecord(NamedTuple):
+    """A batch's statistics on their way to the host: `record_async` queued them, `flush` applies them."""
+
+    statistics: torch.Tensor  # (B, 4) float64 on the host, columns _INDEX.._VARIANCE; filled once `copied` is done
+    copied: torch.Event | None  # None: already on the host
+    has_variance: bool
+
+    def ready(self) -> bool:
+        return self.copied is None or self.copied.query()
 
 
 class ExamplePruner:
@@ -79,6 +97,9 @@ class ExamplePruner:
         self._epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
         self._weights: torch.Tensor | None = None  # per-example loss weights of the current epoch
+        # (`_weights`, its copy on the training device), so a step indexes the table where the batch is
+        self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: list[_PendingRecord] = []  # records not applied yet, oldest first (see record_async)
         self.num_epochs: int | None = None  # the run's length, once planned (see plan_run)
         self.samples_recorded = 0  # presentations recorded over the run (all ranks)
 
@@ -129,6 +150,7 @@ class ExamplePruner:
         applies the method's per-epoch rule (e.g. a refresh) for each epoch passed, in order.
         """
         epoch = check_int("epoch", epoch, minimum=0)
+        self.flush()  # the plan (and a refresh) must see every recorded batch
         if epoch < self._epoch:
             raise ValueError(
                 f"epoch {epoch} is before the current epoch {self._epoch}: the pruner's state only moves "
@@ -147,16 +169,28 @@ class ExamplePruner:
         """Examples trained in the current epoch (epoch 0 is planned if nothing was planned yet)."""
         if self._epoch < 0:
             self.epoch_indices(0)
+        self.flush()
         mask = torch.zeros(self.num_examples, dtype=torch.bool)
         mask[self._order] = True
         return mask
 
     def loss_weights(self, indices: torch.Tensor) -> torch.FloatTensor:
         """Per-sample loss multipliers for a batch (1 except under InfoBatch's rescaling), on the
-        device of ``indices``."""
+        device of ``indices``, without waiting for the device: the epoch's weight table is copied to
+        that device once per epoch and indexed there."""
         if self._weights is None:
             return torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
-        return self._weights[indices.detach().to("cpu", torch.long)].to(indices.device)
+        return self._weights_on(indices.device)[indices.detach().long()]
+
+    def _weights_on(self, device: torch.device) -> torch.Tensor:
+        """The current epoch's weight table on ``device``, copied when the table or the device changes."""
+        cached = self._device_weights
+        if cached is None or cached[0] is not self._weights or cached[1].device != device:
+            weights = self._weights
+            if device.type == "cuda":  # from pinned memory the copy is queued without waiting for the device
+                weights = weights.pin_memory()
+            cached = self._device_weights = (self._weights, weights.to(device, non_blocking=True))
+        return cached[1]
 
     # ---- statistics -----------------------------------------------------------------------------
     def record(
@@ -177,6 +211,73 @@ class ExamplePruner:
         An index repeated within one call (accelerate pads the last batch with duplicates) counts
         as one presentation, the first occurrence's values being used.
         """
+        self.flush()  # batches queued by record_async came first
+        self._record(indices, correct, loss, cls_attention_variance)
+
+    def record_async(
+        self,
+        indices: torch.Tensor,
+        correct: torch.Tensor,
+        loss: torch.Tensor,
+        cls_attention_variance: torch.Tensor | None = None,
+    ) -> None:
+        """:meth:`record` without waiting for the device (the arguments are the same).
+
+        The statistics are packed into one tensor whose copy to the host starts now, non-blocking;
+        they are applied in the order they were queued, as soon as their copy has finished (checked
+        at each call, never waited for) and at the latest when something reads the statistics:
+        :meth:`epoch_indices`, :meth:`active_mask`, :meth:`summary`, :meth:`state_dict` (so every
+        save), :meth:`record` or :meth:`flush`. Read the statistic tensors themselves after
+        :meth:`flush`.
+        """
+        packed = torch.stack(
+            [
+                indices.detach().reshape(-1).double(),
+                correct.detach().reshape(-1).double(),
+                loss.detach().reshape(-1).double(),
+                (torch.full_like(loss, float("nan")) if cls_attention_variance is None else cls_attention_variance)
+                .detach().reshape(-1).double(),
+            ],
+            dim=1,
+        )
+        if packed.device.type == "cpu":
+            self._pending.append(_PendingRecord(packed, None, cls_attention_variance is not None))
+        else:
+            host = packed.to("cpu", non_blocking=True)  # pinned by torch for CUDA sources
+            copied = torch.Event(device=packed.device)
+            copied.record()
+            self._pending.append(_PendingRecord(host, copied, cls_attention_variance is not None))
+        self._apply_pending(wait=False)
+
+    def flush(self) -> None:
+        """Apply every batch queued by :meth:`record_async` (waiting for their copies to the host)."""
+        self._apply_pending(wait=True)
+
+    @property
+    def num_pending(self) -> int:
+        """Batches queued by :meth:`record_async` and not applied yet."""
+        return len(self._pending)
+
+    def _apply_pending(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0].ready()):
+            pending = self._pending.pop(0)
+            if pending.copied is not None:
+                pending.copied.synchronize()
+            columns = pending.statistics
+            self._record(
+                columns[:, _INDEX],
+                columns[:, _CORRECT] != 0,
+                columns[:, _LOSS],
+                columns[:, _VARIANCE] if pending.has_variance else None,
+            )
+
+    def _record(
+        self,
+        indices: torch.Tensor,
+        correct: torch.Tensor,
+        loss: torch.Tensor,
+        cls_attention_variance: torch.Tensor | None,
+    ) -> None:
         # One transfer per tensor, never per sample.
         indices = indices.detach().to("cpu", torch.long).reshape(-1)
         correct = correct.detach().to("cpu", torch.bool).reshape(-1)
@@ -227,6 +328,7 @@ class ExamplePruner:
 
     def summary(self) -> dict[str, float]:
         """Floats for logging."""
+        self.flush()
         seen = self.presentations > 0
         ever_seen = self.last_correct >= 0
         finite_loss = torch.isfinite(self.last_loss)
@@ -252,7 +354,8 @@ class ExamplePruner:
 
     def state_dict(self) -> dict[str, StateValue]:
         """Everything needed to continue identically: tensors (statistics, the current epoch's order and
-        weights) and scalars (identity and the current epoch)."""
+        weights) and scalars (identity and the current epoch), every queued record applied."""
+        self.flush()
         state: dict[str, StateValue] = {
             "method": self.method,
             "format_version": FORMAT_VERSION,
@@ -284,7 +387,8 @@ class ExamplePruner:
     }
 
     def load_state_dict(self, state_dict: Mapping[str, StateValue]) -> None:
-        """Restore a :meth:`state_dict`; the identity (method, size, epoch size, seed) must match."""
+        """Restore a :meth:`state_dict`; the identity (method, size, epoch size, seed) must match.
+        Records still queued by :meth:`record_async` are dropped: the restored state replaces them."""
         for key in self._IDENTITY_KEYS:
             expected = getattr(self, "_epoch_size" if key == "epoch_size" else key)
             if key not in state_dict:
@@ -304,6 +408,7 @@ class ExamplePruner:
             raise ValueError(f"state_dict['epoch_order'] has {order.numel()} entries for epoch {epoch}.")
         weights = state_dict.get("epoch_weights")
         self.samples_recorded = int(state_dict.get("samples_recorded", 0))
+        self._pending.clear()
         self._epoch, self._order = epoch, order
         self._weights = None if weights is None else torch.as_tensor(weights).to(torch.float32).clone()
 
