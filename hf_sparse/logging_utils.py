@@ -36,6 +36,7 @@ class _StderrWhenUnconfigured(logging.StreamHandler):
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.setFormatter(logging.Formatter(f"[{LIBRARY_NAME}] %(message)s"))
+        self.addFilter(_TransformersVerbosity())  # also for a module logger not made by `get_logger`
 
     def emit(self, record: logging.LogRecord) -> None:
         if not self._other_handlers(record):

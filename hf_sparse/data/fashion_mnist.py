@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import logging
 import os
 import shutil
 import struct
@@ -29,7 +28,9 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-logger = logging.getLogger(__name__)
+from ..logging_utils import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",

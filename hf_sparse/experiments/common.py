@@ -29,10 +29,11 @@ from transformers import (
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_image_transforms, image_processor_for
 from ..data import load_image_classification_dataset
+from ..logging_utils import get_logger
 from ..models.sparse_vit import SparseViTForImageClassification
 from ..validation import check_fraction
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 MODEL_TYPES = ("sparse_vit", "resnet")
