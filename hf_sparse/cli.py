@@ -40,6 +40,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("demo", None): ("hf_sparse.experiments.demo", "the main job: dense vs Tri-Level SparseViT on Fashion-MNIST"),
     ("bench", "throughput"): ("hf_sparse.experiments.bench_throughput", "images/s of HF ViT vs SparseViT variants"),
     ("bench", "e2e"): ("hf_sparse.experiments.bench_e2e", "training time and accuracy: dense vs Tri-Level"),
+    ("bench", "gpu"): ("hf_sparse.experiments.bench_gpu", "HF ViT vs SparseViT on a GPU: bf16, eager and compiled"),
     ("bench", "tost"): ("hf_sparse.experiments.bench_tost", "vanilla sparse training vs the ToST recipe, per mask"),
     ("evaluate", None): ("hf_sparse.experiments.evaluation", "accuracy and inference throughput of saved models"),
     ("convert", None): ("hf_sparse.cli", "convert a ViT/DeiT checkpoint to SparseViT"),
