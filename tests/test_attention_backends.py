@@ -46,7 +46,8 @@ def tiny_config(**overrides) -> SparseViTConfig:
     return SparseViTConfig(**fields)
 
 
-def eager_and(implementation: str, **sparsity) -> tuple[SparseViTForImageClassification, SparseViTForImageClassification]:
+def eager_and(implementation: str, **sparsity) -> tuple[SparseViTForImageClassification, ...]:
+    """An eager SparseViT and one with `implementation`, with the same weights."""
     torch.manual_seed(0)
     config = tiny_config(**sparsity)
     eager = SparseViTForImageClassification(copy.deepcopy(config)).eval()
