@@ -462,3 +462,104 @@ def test_grey_model_in_an_image_pipeline_takes_rgb_inputs_as_luma(tmp_path):
     assert by_label["a"] == pytest.approx(expected[0, 0].item(), abs=1e-4)
     with pytest.raises(ValueError, match="num_channels"):
         model(torch.randn(1, 2, 16, 16))
+
+
+# --- bf16 autocast, predictions, printing and the luma warning -------------------------------------------------------
+
+
+def kept_membership(kept_indices: torch.Tensor, num_patches: int) -> torch.Tensor:
+    return torch.zeros(kept_indices.shape[0], num_patches, dtype=torch.bool).scatter_(1, kept_indices, True)
+
+
+def test_selection_scores_stay_float32_under_bf16_autocast():
+    config = tiny_config()
+    sparsifier = SparseViTTokenSparsifier(config)
+    batch, tokens, heads, head_dim = 8, 65, 2, 16
+    torch.manual_seed(0)
+    hidden = torch.randn(batch, tokens, config.hidden_size)
+    # small queries and keys, as at initialisation: nearly uniform attention, where bf16 rounding ties the scores
+    query, key = 0.1 * torch.randn(batch, heads, tokens, head_dim), 0.1 * torch.randn(batch, heads, tokens, head_dim)
+
+    def select(token_keep_ratio: float, attention_keep_ratio: float) -> TokenState:
+        state = TokenState(patch_ids=torch.arange(tokens - 1).expand(batch, -1), num_special_tokens=1)
+        return sparsifier(hidden, query, key, state, token_keep_ratio, attention_keep_ratio)[1]
+
+    float32_tokens, float32_connections = select(0.5, 1.0), select(1.0, 0.5)
+    with torch.autocast("cpu", torch.bfloat16):
+        autocast_tokens, autocast_connections = select(0.5, 1.0), select(1.0, 0.5)
+    assert (autocast_tokens.patch_ids == float32_tokens.patch_ids).float().mean() >= 0.99
+    assert (autocast_connections.attention_mask == float32_connections.attention_mask).float().mean() >= 0.99
+
+    # the whole model (its projections in bf16): the first pruning layer keeps the same patches
+    model = SparseViTForImageClassification(tiny_config(token_keep_ratio=0.5)).eval()
+    pixel_values = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        float32_kept = model(pixel_values).kept_patch_indices[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            autocast_kept = model(pixel_values).kept_patch_indices[0]
+    shared = kept_membership(float32_kept, 64) & kept_membership(autocast_kept, 64)
+    assert shared.sum() >= 0.99 * float32_kept.numel()
+
+
+def test_trainer_predictions_are_the_logits_with_token_pruning(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse import TriLevelTrainer, TriLevelTrainingArguments
+    from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
+
+    data = with_tiny_transform(tiny_image_dataset(16), train=False)
+    common = dict(per_device_eval_batch_size=8, report_to=[], use_cpu=True, disable_tqdm=True)
+
+    def accuracy(prediction) -> dict[str, float]:  # the usual compute_metrics
+        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+    trainers = {
+        "Trainer": Trainer(
+            model=tiny_sparse_vit(token_keep_ratio=0.5, attention_keep_ratio=0.5), eval_dataset=data,
+            args=TrainingArguments(output_dir=str(tmp_path / "plain"), remove_unused_columns=False, **common),
+            compute_metrics=accuracy,
+        ),
+        "TriLevelTrainer": TriLevelTrainer(
+            model=tiny_sparse_vit(token_keep_ratio=0.5, attention_keep_ratio=0.5), eval_dataset=data,
+            args=TriLevelTrainingArguments(output_dir=str(tmp_path / "tri"), **common), compute_metrics=accuracy,
+        ),
+    }
+    for name, trainer in trainers.items():
+        assert 0.0 <= trainer.evaluate()["eval_accuracy"] <= 1.0, name
+        prediction = trainer.predict(data)
+        assert isinstance(prediction.predictions, np.ndarray) and prediction.predictions.shape == (16, 4), name
+        # whoever asks still gets the kept indices (a compute_metrics that reads them is the caller's own)
+        trainer.compute_metrics = None
+        logits, kept_patch_indices = trainer.predict(data, ignore_keys=[]).predictions
+        np.testing.assert_allclose(logits, prediction.predictions, rtol=1e-6)
+        assert [kept.shape for kept in kept_patch_indices] == [(16, 8), (16, 4)], name
+
+
+def test_print_shows_the_sparsifiers_ratios_in_force():
+    model = SparseViTForImageClassification(tiny_config(token_keep_ratio=0.5, token_pruning_layers=[1, 3]))
+    assert str(model).count(
+        "(sparsifier): SparseViTTokenSparsifier(token_keep_ratio=0.5, attention_keep_ratio=1, token_fusion=False)"
+    ) == 2
+    model.set_sparsity(token_keep_ratio=0.75, attention_keep_ratio=0.5)
+    assert str(model).count("SparseViTTokenSparsifier(token_keep_ratio=0.75, attention_keep_ratio=0.5") == 2
+    assert "sparsifier" not in str(SparseViTForImageClassification(tiny_config(token_pruning_layers=[])))
+
+
+def test_grey_model_says_once_when_it_trains_on_rgb_luma():
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    from hf_sparse.models.sparse_vit import modeling_sparse_vit
+
+    transformers_logging.warning_once.cache_clear()
+    model = SparseViTForImageClassification(tiny_config(num_channels=1))
+    rgb = torch.randn(2, 3, 16, 16)
+    with CaptureLogger(modeling_sparse_vit.logger) as evaluation:
+        model.eval()(rgb)  # the image pipeline's case: silent
+    with CaptureLogger(modeling_sparse_vit.logger) as training:
+        model.train()
+        model(rgb)
+        model(rgb)
+        model(torch.randn(2, 1, 16, 16))
+    assert evaluation.out == ""
+    assert training.out.count("luma") == 1 and "num_channels`=1" in training.out

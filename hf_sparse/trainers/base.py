@@ -16,7 +16,7 @@ from transformers.trainer_callback import ExportableState
 from ..hub import TrainingReport, write_model_card
 from ..logging_utils import get_logger
 from .checkpoints import resolve_resume_checkpoint
-from .data_checks import check_classification_dataset
+from .data_checks import LABEL_KEYS, check_classification_dataset
 
 logger = get_logger(__name__)
 
@@ -84,6 +84,25 @@ class SparseTrainer(Trainer):
         # The model's own loss is a per-batch mean as well (`loss_is_scaled_for_ga` holds for every path).
         self.model_accepts_loss_kwargs = False
         self.add_callback(TrainingTimeCallback())
+        self._set_problem_type()
+
+    def _set_problem_type(self) -> None:
+        """Fix the model's `config.problem_type` before the first forward, by transformers' rule (one label: regression;
+        integer labels: single-label; otherwise multi-label) applied to the first example. Models infer it lazily in
+        `forward`, which under `torch.compile` changes a guarded value and costs one more graph."""
+        config = getattr(self.unwrapped_model, "config", None)
+        if getattr(config, "problem_type", "") is not None or not isinstance(getattr(config, "num_labels", None), int):
+            return
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+            return
+        try:
+            example = (self.train_dataset if self.train_dataset is not None else self.eval_dataset)[0]
+            label = torch.as_tensor(next(example[key] for key in LABEL_KEYS if key in example))
+        except Exception:  # noqa: BLE001 - no readable label: the model infers it on first use, as before
+            return
+        single_label = not label.is_floating_point() and label.dtype != torch.bool
+        config.problem_type = "single_label_classification" if single_label else "multi_label_classification"
 
     @property
     def training_clock(self) -> TrainingTimeCallback:

@@ -64,6 +64,9 @@ class SparseViTConfig(PreTrainedConfig):
 
     model_type = "sparse_vit"
     _auto_class = "AutoConfig"  # saved with its code and `auto_map`, for Hub users without hf_sparse
+    # Outputs that are not logits: the Trainer leaves them out of `EvalPrediction.predictions` (so predictions are the
+    # logits, as with HF ViT); calling the model, or `trainer.predict(..., ignore_keys=[])`, still returns them.
+    keys_to_ignore_at_inference = ["kept_patch_indices", "cls_attention_variance"]
 
     def __init__(
         self,

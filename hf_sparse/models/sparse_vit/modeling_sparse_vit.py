@@ -29,14 +29,12 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .configuration_sparse_vit import SparseViTConfig, _check_ratio, _pair
 
 
-try:  # torch >= 2.5; transformers offers "flex_attention" only where it exists
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # pragma: no cover
-    BlockMask = create_block_mask = flex_attention = None
+logger = logging.get_logger(__name__)
 
 
 try:  # torch >= 2.5; transformers offers "flex_attention" only where it exists
@@ -79,6 +77,15 @@ class TokenState:
     attention_mask: torch.BoolTensor | None = None  # (batch, 1, tokens, tokens), True = attend
 
 
+@dataclass
+class SparsityRatios:
+    """The keep ratios in force: one object, shared by the encoder (which reads it in `forward`) and its sparsifiers
+    (which show it in `print(model)`). `set_sparsity` changes it; under `torch.compile` each distinct pair is a graph."""
+
+    token_keep_ratio: float
+    attention_keep_ratio: float
+
+
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> "L" conversion
 
 
@@ -103,7 +110,14 @@ class SparseViTPatchEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.num_channels == 1 and pixel_values.shape[1] == 3:
             # Image pipelines convert every input to RGB: take the luma, as PIL's "L" mode does (for grey images
-            # stored as RGB this is exact; the normalisation is per channel and linear, so it commutes).
+            # stored as RGB this is exact; the normalisation is per channel and linear, so it commutes). In training
+            # it is more likely a data set of the wrong kind: say it once (not from inside a compiled graph).
+            if self.training and not torch.compiler.is_compiling():
+                logger.warning_once(
+                    "This SparseViT has `num_channels`=1 and is training on 3-channel `pixel_values`: it takes their "
+                    "luma (0.299 R + 0.587 G + 0.114 B). Convert the images to grey (mode 'L') in the transform if "
+                    "that is not what you want."
+                )
             luma = pixel_values.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
             pixel_values = (pixel_values * luma).sum(dim=1, keepdim=True)
         if pixel_values.shape[1] != self.num_channels:
@@ -325,21 +339,38 @@ class SparseViTMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+def float32_scores(device: torch.device) -> torch.autocast:
+    """A context in which selection scores are computed in float32. Under autocast, a matmul of `.float()` inputs is
+    still cast to bf16/fp16: the rounding ties scores and changes which tokens and connections are kept."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 @torch.no_grad()
 def cls_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     """Head-averaged attention of the CLS query over all keys, `(batch, tokens)`, float32, no mask in force."""
-    logits = torch.matmul(query[:, :, :1].float(), key.float().transpose(2, 3)) * scaling
-    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+    with float32_scores(query.device):
+        logits = torch.matmul(query[:, :, :1].float(), key.float().transpose(2, 3)) * scaling
+        return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 class SparseViTTokenSparsifier(nn.Module):
-    """Levels 2 and 3 of Tri-Level E-ViT, applied in a pruning layer; has no parameters."""
+    """Levels 2 and 3 of Tri-Level E-ViT, applied in a pruning layer; has no parameters. `ratios` are the encoder's
+    ratios in force (shown by `print(model)`; the encoder passes them to `forward`)."""
 
-    def __init__(self, config: SparseViTConfig):
+    def __init__(self, config: SparseViTConfig, ratios: SparsityRatios | None = None):
         super().__init__()
         self.num_prefix_tokens = config.num_prefix_tokens
         self.token_fusion = config.token_fusion
         self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
+        self.ratios = ratios if ratios is not None else SparsityRatios(
+            config.token_keep_ratio, config.attention_keep_ratio
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"token_keep_ratio={self.ratios.token_keep_ratio:g}, "
+            f"attention_keep_ratio={self.ratios.attention_keep_ratio:g}, token_fusion={self.token_fusion}"
+        )
 
     def forward(
         self,
@@ -409,8 +440,9 @@ class SparseViTTokenSparsifier(nn.Module):
             index = kept_positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
             patch_query, patch_key = patch_query.gather(2, index), patch_key.gather(2, index)
         ranked_keys = torch.cat((key[:, :, :prefix], patch_key), dim=2).float()
-        logits = torch.matmul(patch_query.float(), ranked_keys.transpose(2, 3)) * self.scaling
-        probs = logits.softmax(dim=-1).mean(dim=1)[:, :, prefix:]  # (batch, patch queries, patch keys)
+        with float32_scores(query.device):
+            logits = torch.matmul(patch_query.float(), ranked_keys.transpose(2, 3)) * self.scaling
+            probs = logits.softmax(dim=-1).mean(dim=1)[:, :, prefix:]  # (batch, patch queries, patch keys)
         num_patches = probs.shape[-1]
         kept_keys = keep_count(num_patches, attention_keep_ratio)
         if kept_keys >= num_patches:
@@ -426,14 +458,16 @@ class SparseViTTokenSparsifier(nn.Module):
 class SparseViTLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block; a pruning layer sparsifies tokens and connections between attention and MLP."""
 
-    def __init__(self, config: SparseViTConfig, layer_index: int):
+    def __init__(self, config: SparseViTConfig, layer_index: int, ratios: SparsityRatios | None = None):
         super().__init__()
         self.attention = SparseViTAttention(config)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SparseViTMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.sparsifier = SparseViTTokenSparsifier(config) if layer_index in config.token_pruning_layers else None
+        self.sparsifier = (
+            SparseViTTokenSparsifier(config, ratios) if layer_index in config.token_pruning_layers else None
+        )
 
     def forward(
         self,
@@ -470,9 +504,10 @@ class SparseViTEncoder(nn.Module):
     def __init__(self, config: SparseViTConfig):
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList([SparseViTLayer(config, index) for index in range(config.num_hidden_layers)])
-        self.token_keep_ratio = config.token_keep_ratio
-        self.attention_keep_ratio = config.attention_keep_ratio
+        self.ratios = SparsityRatios(config.token_keep_ratio, config.attention_keep_ratio)
+        self.layers = nn.ModuleList(
+            [SparseViTLayer(config, index, self.ratios) for index in range(config.num_hidden_layers)]
+        )
 
     def forward(
         self,
@@ -495,8 +530,8 @@ class SparseViTEncoder(nn.Module):
             hidden_states, state, attention_weights, variance = layer(
                 hidden_states,
                 state=state,
-                token_keep_ratio=self.token_keep_ratio,
-                attention_keep_ratio=self.attention_keep_ratio,
+                token_keep_ratio=self.ratios.token_keep_ratio,
+                attention_keep_ratio=self.ratios.attention_keep_ratio,
                 output_attentions=output_attentions,
                 output_cls_attention_variance=output_cls_attention_variance and index == last,
             )
@@ -538,8 +573,6 @@ class SparseViTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True  # the connection mask becomes a block mask (`flex_attention_forward`)
     _supports_flash_attn = True  # without attention sparsity only: a connection mask is refused, never dropped
-    _supports_flex_attn = True  # the connection mask becomes a block mask (`flex_attention_forward`)
-    _supports_flash_attn = True  # without attention sparsity only: a connection mask is refused, never dropped
     # The loss is a per-batch mean that ignores `num_items_in_batch`: let the Trainer scale it for accumulation.
     accepts_loss_kwargs = False
 
@@ -560,17 +593,18 @@ class SparseViTPreTrainedModel(PreTrainedModel):
         """Change the token and/or attention keep ratios in force, without touching the config or the weights.
 
         Schedules (the Tri-Level trainer) call this every step. The config keeps the ratios that `save_pretrained`
-        writes and `from_pretrained` restores; `reset_sparsity()` goes back to them.
+        writes and `from_pretrained` restores; `reset_sparsity()` goes back to them. Under `torch.compile` every
+        distinct value is a new graph: keep to a few values (the Tri-Level schedule snaps them to a grid).
         """
-        encoder = self._sparse_vit_encoder()
+        ratios = self._sparse_vit_encoder().ratios
         if token_keep_ratio is not None:
-            encoder.token_keep_ratio = _check_ratio("token_keep_ratio", token_keep_ratio)
+            ratios.token_keep_ratio = _check_ratio("token_keep_ratio", token_keep_ratio)
         if attention_keep_ratio is not None:
-            encoder.attention_keep_ratio = _check_ratio("attention_keep_ratio", attention_keep_ratio)
+            ratios.attention_keep_ratio = _check_ratio("attention_keep_ratio", attention_keep_ratio)
 
     def get_sparsity(self) -> dict[str, float]:
-        encoder = self._sparse_vit_encoder()
-        return {"token_keep_ratio": encoder.token_keep_ratio, "attention_keep_ratio": encoder.attention_keep_ratio}
+        ratios = self._sparse_vit_encoder().ratios
+        return {"token_keep_ratio": ratios.token_keep_ratio, "attention_keep_ratio": ratios.attention_keep_ratio}
 
     def reset_sparsity(self) -> None:
         self.set_sparsity(self.config.token_keep_ratio, self.config.attention_keep_ratio)
@@ -694,18 +728,24 @@ class SparseViTForImageClassification(SparseViTPreTrainedModel):
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: SparseViTConfig) -> torch.Tensor:
-    """Cross-entropy, BCE or MSE by `config.problem_type`, inferred on first use as transformers does."""
+    """Cross-entropy, BCE or MSE by `config.problem_type`, inferred on first use as transformers does.
+
+    Inside a compiled graph the inferred type is used but not written to the config: writing it would change what
+    the graph's guards check and cost one more compile (the hf_sparse trainers set it before the first step)."""
     labels = labels.to(logits.device)
-    if config.problem_type is None:
+    problem_type = config.problem_type
+    if problem_type is None:
         if config.num_labels == 1:
-            config.problem_type = "regression"
+            problem_type = "regression"
         elif config.num_labels > 1 and labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
+            problem_type = "single_label_classification"
         else:
-            config.problem_type = "multi_label_classification"
-    if config.problem_type == "regression":
+            problem_type = "multi_label_classification"
+        if not torch.compiler.is_compiling():
+            config.problem_type = problem_type
+    if problem_type == "regression":
         return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
-    if config.problem_type == "single_label_classification":
+    if problem_type == "single_label_classification":
         return nn.functional.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
