@@ -1,8 +1,10 @@
-"""`hf-sparse` command line: the main job, the benchmarks, conversion and publishing.
+"""`hf-sparse` command line: the main job, training recipes, the benchmarks, evaluation, conversion and publishing.
 
 Every command's options are dataclass fields parsed by transformers' `HfArgumentParser` (defaults and choices in
-`--help`); a bad value or a missing file ends in one line on stderr and exit status 2, not a traceback
-(`HF_SPARSE_TRACEBACK=1` shows it); a failed upload in `hf-sparse push` exits with 1.
+`--help`; `--a_b` and `--a-b` both work); `hf-sparse train METHOD CONFIG.yaml [--field value ...]` runs a recipe
+(`experiments/train.py`). A bad value or a missing file ends in one line on stderr and exit status 2, not a traceback
+(`HF_SPARSE_TRACEBACK=1` shows it), and every value is checked before anything trains; a failed upload in
+`hf-sparse push` exits with 1.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("push", None): ("hf_sparse.cli", "publish a local model folder to the Hub with its model card"),
 }
 LOCAL_ARGUMENTS = {"convert": (ConvertArguments,), "push": (PushArguments,)}
+TRAIN_MODULE = "hf_sparse.experiments.train"  # imported by name, as the other commands' modules
 
 
 def _arguments_of(command: str, module_name: str) -> tuple[type, ...]:
@@ -56,8 +59,12 @@ def _arguments_of(command: str, module_name: str) -> tuple[type, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hf-sparse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    _add_train_command(commands)
     groups: dict[str, argparse._SubParsersAction] = {}
     for (command, sub_command), (module_name, help_text) in COMMANDS.items():
         types = _arguments_of(command, module_name)
@@ -72,7 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
             group = commands.add_parser(command, help=f"{command} commands", dataclass_types=())
             groups[command] = group.add_subparsers(dest="sub_command", required=True, parser_class=HfArgumentParser)
         groups[command].add_parser(sub_command, help=help_text, description=help_text, dataclass_types=types)
+    _describe_negative_flags(parser)
     return parser
+
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    """`hf-sparse train METHOD CONFIG.yaml [--field value ...]`: the rest of the line is the recipe's to parse
+    (`hf-sparse train METHOD --help` lists its fields)."""
+    recipes = importlib.import_module(TRAIN_MODULE).RECIPES
+    help_text = "train with a recipe: " + ", ".join(recipes) + " (CONFIG.yaml, then --field value overrides)"
+    methods = "\n".join(f"  {name}: {recipe.help}" for name, recipe in recipes.items())
+    train = commands.add_parser("train", help=help_text, dataclass_types=(), epilog=f"methods:\n{methods}",
+                                description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("method", choices=list(recipes), help="The training method.")
+    train.add_argument("recipe_arguments", nargs=argparse.REMAINDER, metavar="CONFIG.yaml [--field value ...]",
+                       help="A YAML config of the recipe's fields, then flags that override it.")
+
+
+def _describe_negative_flags(parser: argparse.ArgumentParser) -> None:
+    """`HfArgumentParser` gives `--no_x` the help of `--x`; say what it does instead."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_parser in dict.fromkeys(action.choices.values()):
+                _describe_negative_flags(sub_parser)
+        elif action.option_strings and action.option_strings[0].startswith("--no_") and action.const is False:
+            action.help = f"Turn off --{action.dest}."
+            action.default = argparse.SUPPRESS  # the value's default is --{dest}'s (shown there), not False
 
 
 def _add_positional_command(parser: argparse.ArgumentParser, kind: type) -> None:
@@ -80,16 +112,35 @@ def _add_positional_command(parser: argparse.ArgumentParser, kind: type) -> None
     for item in dataclasses.fields(kind):
         if item.default is dataclasses.MISSING:
             parser.add_argument(item.name, help=item.metadata["help"])
-        elif item.type in (bool, "bool"):
-            parser.add_argument(f"--{item.name}", action="store_true", help=item.metadata["help"])
+            continue
+        flags = dict.fromkeys([f"--{item.name}", f"--{item.name.replace('_', '-')}"])  # as HfArgumentParser takes
+        if item.type in (bool, "bool"):
+            parser.add_argument(*flags, action="store_true", help=item.metadata["help"])
         else:
             kind_of = {"float": float, "int": int}.get(str(item.type), str)
-            parser.add_argument(f"--{item.name}", type=kind_of, default=item.default, help=item.metadata["help"])
+            parser.add_argument(*flags, type=kind_of, default=item.default, help=item.metadata["help"])
 
 
 def _dataclasses_from(namespace: argparse.Namespace, types: tuple[type, ...]) -> list:
     values = vars(namespace)
     return [kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.init}) for kind in types]
+
+
+def check_devices(arguments: list) -> None:
+    """A `device` field must name a torch device this machine has: a `ValueError` now, not a `RuntimeError` (or a
+    failed CUDA call) after the models are built."""
+    import torch
+
+    for values in arguments:
+        device = getattr(values, "device", None)
+        if device is None:
+            continue
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"`device`={device!r} is not a torch device: use cpu, cuda or cuda:N.") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`device`={device!r}: no CUDA device is available here (use cpu).")
 
 
 def convert(args: ConvertArguments) -> int:
@@ -131,23 +182,32 @@ def push(args: PushArguments) -> int:
     return 0
 
 
+def run_command(namespace: argparse.Namespace) -> int:
+    """Run the parsed command: build its argument dataclasses (which check the values), then call it."""
+    command, sub_command = namespace.command, getattr(namespace, "sub_command", None)
+    if command == "train":
+        importlib.import_module(TRAIN_MODULE).train(namespace.method, namespace.recipe_arguments)
+        return 0
+    module_name = COMMANDS[(command, sub_command)][0]
+    arguments = _dataclasses_from(namespace, _arguments_of(command, module_name))
+    check_devices(arguments)
+    if module_name == __name__:
+        return {"convert": convert, "push": push}[command](*arguments)
+    importlib.import_module(module_name).main(*arguments)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    command, sub_command = namespace.command, getattr(namespace, "sub_command", None)
-    module_name = COMMANDS[(command, sub_command)][0]
-    name = " ".join(part for part in ("hf-sparse", command, sub_command) if part)
+    parts = ("hf-sparse", namespace.command, getattr(namespace, "sub_command", None), getattr(namespace, "method", None))
     try:
-        arguments = _dataclasses_from(namespace, _arguments_of(command, module_name))
-        if module_name == __name__:
-            return {"convert": convert, "push": push}[command](*arguments)
-        importlib.import_module(module_name).main(*arguments)
+        return run_command(namespace)
     except (ValueError, OSError) as error:  # bad values, missing files or folders, an unreachable Hub
         if os.environ.get("HF_SPARSE_TRACEBACK"):
             raise
-        print(f"{name}: error: {error}", file=sys.stderr)
+        print(f"{' '.join(part for part in parts if part)}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return 0
 
 
 if __name__ == "__main__":

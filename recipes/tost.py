@@ -1,25 +1,22 @@
 """ToST sparse training (a weight mask trained with ghost neurons/skips, rescaled init and label smoothing) from a
-YAML config.
+YAML config: a thin script over `hf-sparse train tost` (`hf_sparse/experiments/train.py`, shipped in the package).
 
     python recipes/tost.py recipes/configs/tost_fashion_mnist.yaml [--field value ...]
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/tost.py CONFIG
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml -m hf_sparse.experiments.train tost CONFIG
 
 The YAML holds fields of `ModelArguments`, `DataArguments` (hf_sparse.experiments.common) and
 `ToSTTrainingArguments`; command-line flags override it (e.g. `--mask_method grasp --sparsity 0.95`, or
 `--ghost_soft_neurons false` for an ablation). The mask is computed when training starts;
 `--resume_from_checkpoint PATH` reloads it from the checkpoint instead. The saved model has the exact zeros,
-`sparsity_masks.safetensors` beside it and the measured sparsity in its metrics.
+`sparsity_masks.safetensors` beside it and the measured sparsity in its metrics. A bad field or value is one line and
+exit status 2.
 """
 
-from hf_sparse import ToSTTrainer, ToSTTrainingArguments
-from hf_sparse.experiments.common import train_from_config
-from hf_sparse.tost import sparsity_report
+import sys
 
-
-def sparsity_metrics(trainer) -> dict:
-    report = sparsity_report(trainer.model)
-    return {"eval_prunable_sparsity": report["prunable_sparsity"], "eval_total_sparsity": report["total_sparsity"]}
+from hf_sparse.experiments.train import main_tost
 
 
 if __name__ == "__main__":
-    train_from_config(ToSTTrainer, ToSTTrainingArguments, metrics=sparsity_metrics)
+    sys.exit(main_tost())

@@ -193,10 +193,6 @@ def test_evaluate_reports_accuracy_and_throughput_of_dense_and_sparse_checkpoint
         expected = float((dense(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean())
     assert rows[0]["accuracy"] == pytest.approx(expected)
     assert "images/s" in capsys.readouterr().out
-    tiny_vit().save_pretrained(tmp_path / "grey")
-    with pytest.raises(SystemExit):
-        cli_main(["evaluate", "--models", str(tmp_path / "grey"), "--dataset_name", str(folder)])
-    assert "num_channels=1" in capsys.readouterr().err
 
 
 # --- 8: from_vit with a Hub id ---------------------------------------------------------------------------------------
@@ -212,3 +208,101 @@ def test_from_vit_takes_a_hub_id(hub_server, tmp_path):
         torch.testing.assert_close(remote(pixels).logits, local(pixels).logits)
     assert cli_main(["convert", "user/tiny-vit", str(tmp_path / "converted")]) == 0
     assert os.path.isfile(tmp_path / "converted" / "model.safetensors")
+
+
+# --- issue 20: the first hour, second pass ---------------------------------------------------------------------------
+
+
+def one_line_error(capsys, command: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(command)
+    error = capsys.readouterr().err
+    # one line (before it, at most the progress bars of `datasets` reading a folder or a model being converted)
+    assert exit_info.value.code == 2 and "Traceback" not in error and error.count("error:") == 1, error
+    assert error.strip().splitlines()[-1].startswith(f"hf-sparse {command[0]}"), error
+    return error
+
+
+def test_demo_checks_every_argument_before_anything_trains(tmp_path, capsys, monkeypatch):
+    def trains(*args, **kwargs):
+        raise AssertionError("the dense run started before the arguments were checked")
+
+    monkeypatch.setattr("hf_sparse.experiments.demo.train_dense", trains)
+    folder = image_folder(tmp_path / "images")
+    output = tmp_path / "demo"
+    tiny = ["--dataset_name", str(folder), "--output_dir", str(output), "--hidden_size", "16", "--num_hidden_layers",
+            "2", "--num_attention_heads", "2", "--patch_size", "2"]
+    for bad, named in [(["--token_keep_ratio", "1.5"], "`token_keep_ratio`"), (["--patch_size", "3"], "`patch_size` 3"),
+                       (["--epochs", "-1"], "`epochs`"), (["--max_train_samples", "-5"], "`max_train_samples`"),
+                       (["--attention_keep_ratio", "0"], "`attention_keep_ratio`"),
+                       (["--example_inactive_fraction", "0.2"], "`example_inactive_fraction`"),
+                       (["--hidden_size", "15"], "`hidden_size`=15 must be a multiple of `num_attention_heads`")]:
+        assert named in one_line_error(capsys, ["demo", *tiny, *bad])
+    assert not output.exists()  # nothing written either
+
+
+def test_bench_throughput_refuses_a_device_torch_does_not_know_in_one_line(capsys):
+    assert "`device`='tpu' is not a torch device" in one_line_error(capsys, ["bench", "throughput", "--device", "tpu"])
+
+
+def test_evaluate_refuses_a_split_that_does_not_exist_and_lists_the_splits(tmp_path, capsys):
+    folder = image_folder(tmp_path / "images", per_class=4)
+    tiny_vit(num_channels=3).save_pretrained(tmp_path / "model")
+    error = one_line_error(capsys, ["evaluate", "--models", str(tmp_path / "model"), "--dataset_name", str(folder),
+                                    "--split", "tset"])
+    assert "`split`='tset' is not a split" in error and "['train']" in error and "'test': a held-out part" in error
+    with pytest.raises(ValueError, match=r"`eval_split`='validation' is not a split .* has \['train'\]"):
+        prepare_data(DataArguments(dataset_name=str(folder), eval_split="validation"))
+
+
+def test_a_missing_local_folder_is_said_to_be_missing_not_a_bad_hub_id(tmp_path, capsys):
+    missing = str(tmp_path / "no" / "such")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SparseViTForImageClassification.from_vit(missing)
+    for command in (["evaluate", "--models", missing], ["convert", missing, str(tmp_path / "out")],
+                    ["convert", "./no/such", str(tmp_path / "out")], ["demo", "--dataset_name", missing]):
+        error = one_line_error(capsys, command)
+        assert "does not exist" in error and "Repo id" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_serves_one_channel_models_and_says_to_set_id2label(tmp_path, capsys):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    folder = image_folder(tmp_path / "images", per_class=6)
+    processor = image_processor_for(8, 1, (0.5,), (0.5,))  # what training saves beside a one-channel model
+    torch.manual_seed(0)
+    resnet = ResNetForImageClassification(ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=2,
+        id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})).eval()
+    save_for_hub(resnet, tmp_path / "resnet", image_processor=processor)
+    save_for_hub(tiny_vit(), tmp_path / "grey_vit", image_processor=processor)
+    path = tmp_path / "evaluation.json"
+    assert cli_main(["evaluate", "--models", str(tmp_path / "resnet"), str(tmp_path / "grey_vit"), "--dataset_name",
+                     str(folder), "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    with torch.no_grad():  # the accuracy is the model's own on the grey held-out images
+        held_out = prepare_data(DataArguments(dataset_name=str(folder), image_size=8, num_channels=1,
+                                              image_mean=[0.5], image_std=[0.5])).eval
+        batch = held_out[: len(held_out)]
+        expected = float((resnet(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean())
+    assert [row["type"] for row in rows] == ["resnet", "vit"] and rows[0]["accuracy"] == pytest.approx(expected)
+    capsys.readouterr()
+    tiny_vit(num_channels=3, id2label=None, label2id=None).save_pretrained(tmp_path / "unnamed")
+    error = one_line_error(capsys, ["evaluate", "--models", str(tmp_path / "unnamed"), "--dataset_name", str(folder)])
+    assert "LABEL_0" in error and "id2label" in error
+
+
+def test_every_hint_names_an_option_that_exists(tmp_path, capsys):
+    from hf_sparse.cli import build_parser
+    from hf_sparse.data import prepare_image_classification_columns
+
+    no_image = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(ValueError, match="`image_column` \\(`--image_column` on the command line\\)"):
+        prepare_image_classification_columns(no_image)
+    parser = build_parser()
+    for command in (["demo"], ["evaluate", "--models", "m"]):
+        assert parser.parse_args([*command, "--image_column", "img"]).image_column == "img"
+    with pytest.raises(SystemExit):
+        cli_main(["train", "tri-level", "--help"])
+    assert "--image_column" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""The recipe scripts (`python recipes/<method>.py CONFIG --overrides`) and `hf-sparse bench tost`, end to end on
-small slices of the built-in data."""
+"""The recipes (`hf-sparse train METHOD CONFIG --overrides`, the thin `recipes/<method>.py` scripts over it and
+`accelerate launch -m hf_sparse.experiments.train`) and `hf-sparse bench tost`, end to end on small slices of the
+built-in data."""
 
 from __future__ import annotations
 
@@ -25,17 +26,28 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+BIN = Path(sys.executable).parent
+# The three ways in, one per case: the repository's thin script, the installed command, `accelerate launch -m`.
+ENTRY_POINTS = {
+    "script": lambda method: [sys.executable, str(ROOT / "recipes" / f"{method.replace('-', '_')}.py")],
+    "command": lambda method: [str(BIN / "hf-sparse"), "train", method],
+    "accelerate": lambda method: [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+                                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                                  "hf_sparse.experiments.train", method],
+}
+
+
 @pytest.mark.parametrize(
-    "recipe,config,state_file,model_type",
+    "entry_point,method,config,state_file,model_type",
     [
-        ("tri_level.py", "tri_level_fashion_mnist.yaml", "example_pruning.safetensors", "sparse_vit"),
-        ("tost.py", "tost_fashion_mnist.yaml", "sparsity_masks.safetensors", "sparse_vit"),
-        ("tost.py", "tost_resnet_fashion_mnist.yaml", "sparsity_masks.safetensors", "resnet"),
+        ("accelerate", "tri-level", "tri_level_fashion_mnist.yaml", "example_pruning.safetensors", "sparse_vit"),
+        ("script", "tost", "tost_fashion_mnist.yaml", "sparsity_masks.safetensors", "sparse_vit"),
+        ("command", "tost", "tost_resnet_fashion_mnist.yaml", "sparsity_masks.safetensors", "resnet"),
     ],
 )
-def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, recipe, config, state_file, model_type):
+def test_recipe_runs_from_its_yaml_config_with_overrides(tmp_path, entry_point, method, config, state_file, model_type):
     output = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "recipes" / recipe), str(ROOT / "recipes" / "configs" / config),
+    command = [*ENTRY_POINTS[entry_point](method), str(ROOT / "recipes" / "configs" / config),
                *SMALL, "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(output)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -351,7 +351,8 @@ def _pick_column(
             return name
     raise ValueError(
         f"Cannot find the {role} column: no {feature_type.__name__} feature and none of the usual names "
-        f"{list(common_names)}; available columns: {columns}. Pass {argument}=..."
+        f"{list(common_names)}; available columns: {columns}. Set `{argument}` (`--{argument}` on the command "
+        "line) to the column to use."
     )
 
 
@@ -411,4 +412,16 @@ def load_image_classification_dataset(
         dataset = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
     if not isinstance(dataset, (datasets.Dataset, datasets.DatasetDict)):
         raise ValueError(f"{name_or_path!r} loaded as {type(dataset).__name__}; streaming data sets are not supported.")
+    if image_column is None and os.path.isdir(name_or_path):
+        _check_holds_images(name_or_path, dataset)
     return prepare_image_classification_columns(dataset, image_column, label_column)
+
+
+def _check_holds_images(folder: str, dataset: datasets.Dataset | datasets.DatasetDict) -> None:
+    """A local folder of anything but images (text, CSV, ...) is said to be one, not reported as a missing column."""
+    first = next(iter(dataset.values())) if isinstance(dataset, datasets.DatasetDict) else dataset
+    if not any(isinstance(feature, datasets.Image) for feature in first.features.values()):
+        raise ValueError(
+            f"folder {folder!r} holds no images (`datasets` read it as columns {list(first.features)}): an image "
+            "folder has one sub-folder of images per class (e.g. cat/1.png, dog/1.png)."
+        )

@@ -64,8 +64,10 @@ REGIMES: dict[str, dict[str, Any]] = {
 @dataclass
 class E2EArguments:
     output_dir: str = field(default="outputs/bench_e2e", metadata={"help": "Where runs, table and plot go."})
-    regime: str = field(default="short", metadata={"help": "Preset of data, epochs and model (see above).",
-                                                   "choices": list(REGIMES)})
+    regime: str = field(default="short", metadata={"help": "Preset of epochs and training images: " + "; ".join(
+        f"{name}: {preset['epochs']:g} epochs on {preset['max_train_samples'] or 'all 60000'} images"
+        for name, preset in REGIMES.items()) + " (--epochs and --max_train_samples override it).",
+        "choices": list(REGIMES)})
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS),
                                 metadata={"help": "Tri-Level variants (the dense run is always first).",
                                           "choices": list(VARIANTS)})

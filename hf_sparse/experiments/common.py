@@ -1,15 +1,18 @@
 """What the recipes, the main job and the benchmarks share: argument dataclasses, data, models, metrics, timing.
 
-`recipes/*.py` parse a YAML config into these dataclasses (transformers' `HfArgumentParser`) and call the functions
-below, so a recipe run, `hf-sparse demo` and the benchmarks build models and data the same way.
+`hf-sparse train` (`experiments/train.py`, under the thin `recipes/*.py`) parses a YAML config into these dataclasses
+(transformers' `HfArgumentParser`) and calls the functions below, so a recipe run, `hf-sparse demo` and the benchmarks
+build models and data the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,12 +34,13 @@ from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_image_transforms
 from ..data import load_image_classification_dataset
 from ..logging_utils import get_logger
 from ..models.sparse_vit import SparseViTForImageClassification
-from ..validation import check_fraction
+from ..validation import check_choice, check_fraction, check_int
 
 logger = get_logger(__name__)
 
 
 MODEL_TYPES = ("sparse_vit", "resnet")
+HELD_OUT_SPLIT = "test"  # the one evaluation split that may be made from train where the data has none
 
 
 @dataclass
@@ -72,6 +76,14 @@ class ModelArguments:
         default_factory=lambda: [2, 2, 2], metadata={"help": "ResNet: basic blocks per stage."}
     )
 
+    def __post_init__(self):
+        check_choice("model_type", self.model_type, MODEL_TYPES)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"`hidden_size`={self.hidden_size} must be a multiple of `num_attention_heads`="
+                             f"{self.num_attention_heads}.")
+
 
 @dataclass
 class DataArguments:
@@ -97,6 +109,12 @@ class DataArguments:
     random_crop_padding: int = field(default=0, metadata={"help": "Random-crop augmentation padding (pixels)."})
     horizontal_flip: bool = field(default=False, metadata={"help": "Random horizontal flips in training."})
 
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+        check_fraction("held_out_fraction", self.held_out_fraction, low_inclusive=False)
+
 
 @dataclass
 class PreparedData:
@@ -113,18 +131,37 @@ class PreparedData:
         return image_processor_for(self.image_size, self.num_channels, self.mean, self.std)
 
 
-def load_splits(data_args: DataArguments, seed: int = 0) -> tuple[Any, Any]:
-    """(train, eval) splits; without an eval split, a seeded stratified `held_out_fraction` of train (logged)."""
-    splits = load_image_classification_dataset(
-        data_args.dataset_name, None, data_args.image_column, data_args.label_column
-    )
+def local_folder(name_or_path: str) -> str | None:
+    """`name_or_path` as a local folder (`~` expanded); None for a Hub id. A path-like name (starting with / . or ~,
+    or with a separator but not of the form `namespace/name`) that is no folder is a `FileNotFoundError` saying so,
+    not a Hub error about repo ids."""
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", name_or_path) is not None
+    if name_or_path.startswith(("/", ".", "~")) or not hub_id:
+        raise FileNotFoundError(f"folder {name_or_path!r} does not exist (nor is it a Hub id such as namespace/name).")
+    return None
+
+
+def load_splits(data_args: DataArguments, seed: int = 0, eval_split_flag: str = "eval_split") -> tuple[Any, Any]:
+    """(train, eval) splits. Only the default evaluation split, "test", falls back to a seeded stratified
+    `held_out_fraction` of train (logged) where the data has none; any other missing split is an error listing the
+    splits (a misspelt split is never silently replaced). `eval_split_flag` names the option in that error."""
+    name = data_args.dataset_name
+    if name.replace("-", "_") != "fashion_mnist":
+        name = local_folder(name) or name  # a missing folder is said to be one, not a data set `datasets` lacks
+    splits = load_image_classification_dataset(name, None, data_args.image_column, data_args.label_column)
     if data_args.train_split not in splits:
         raise ValueError(f"`train_split`={data_args.train_split!r} is not a split of {data_args.dataset_name!r}; it "
                          f"has {sorted(splits)}.")
+    if data_args.eval_split not in splits and data_args.eval_split != HELD_OUT_SPLIT:
+        held_out = "" if HELD_OUT_SPLIT in splits else f" (or {HELD_OUT_SPLIT!r}: a held-out part of train)"
+        raise ValueError(f"`{eval_split_flag}`={data_args.eval_split!r} is not a split of {data_args.dataset_name!r}; "
+                         f"it has {sorted(splits)}{held_out}.")
     train = splits[data_args.train_split]
     if data_args.eval_split in splits:
         return train, splits[data_args.eval_split]
-    check_fraction("held_out_fraction", data_args.held_out_fraction, low_inclusive=False)
     parts = train.train_test_split(test_size=data_args.held_out_fraction, seed=seed, stratify_by_column="label")
     logger.warning("%s has no %r split (splits: %s): evaluating on %d examples (%g) held out of %r with seed %d.",
                    data_args.dataset_name, data_args.eval_split, sorted(splits), len(parts["test"]),
@@ -341,15 +378,43 @@ def load_resumable(path: str | os.PathLike, settings: dict[str, Any], fresh: boo
     return results
 
 
-def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them."""
+class ConfigParser(HfArgumentParser):
+    """`HfArgumentParser` whose bad flag or value is a `ValueError` (one line on the command line), not argparse's
+    usage of the ~150 training flags."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see --help).")
+
+
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
+    """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them. An unknown
+    field (in the YAML or on the command line) or a bad value is a `ValueError` naming it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        with open(argv[0], encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        argv = [item for key, value in values.items() for item in _flag(key, value)] + argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    parser = ConfigParser(dataclass_types, prog=prog)
+    if argv and not argv[0].startswith("-"):
+        argv = _config_flags(argv[0]) + argv[1:]
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        options = [option for action in parser._actions for option in action.option_strings]
+        flags = [item for item in unknown if item.startswith("-")] or unknown
+        hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(flag, options, 1)) else flag
+                 for flag in flags]
+        raise ValueError(f"unknown field(s) {', '.join(hints)}: not a field of {[t.__name__ for t in dataclass_types]} "
+                         "(see --help).")
+    return tuple(parsed)
+
+
+def _config_flags(path: str) -> list[str]:
+    """The YAML config's `field: value` pairs as command-line flags."""
+    if not path.endswith((".yaml", ".yml")):
+        raise ValueError(f"CONFIG must be a YAML file (.yaml or .yml), got {path!r}.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold `field: value` lines, got a {type(values).__name__}.")
+    return [item for key, value in values.items() for item in _flag(key, value)]
 
 
 def _flag(key: str, value: Any) -> list[str]:
@@ -358,14 +423,15 @@ def _flag(key: str, value: Any) -> list[str]:
     return [f"--{key}", str(value)]
 
 
-def train_from_config(trainer_class, arguments_class, argv: list[str] | None = None, metrics=None):
-    """What `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]` into `ModelArguments`, `DataArguments` and
+def train_from_config(trainer_class, arguments_class, argv: list[str] | None = None, metrics=None,
+                      prog: str | None = None):
+    """What `hf-sparse train` and `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]` into `ModelArguments`, `DataArguments` and
     `arguments_class`, build the data and the model (`model_type`), train (resuming if asked), evaluate, and save the model, its
     card, the metrics and the trainer state. `metrics(trainer)` adds to the evaluation metrics. Returns the trainer."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available() and "--use_cpu" not in argv:
         argv += ["--use_cpu", "true"]  # before the arguments are built: lets `accelerate launch` form a gloo group
-    model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, arguments_class), argv)
+    model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, arguments_class), argv, prog)
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True  # the newest whole checkpoint in output_dir

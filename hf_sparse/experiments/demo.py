@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass, field
 
 from ..hub import save_for_hub
 from ..models.sparse_vit import SparseViTForImageClassification
+from ..tri_level import TriLevelTrainer
+from ..tri_level.arguments import EXAMPLE_PRUNING_METHODS
+from ..validation import check_choice, check_fraction, check_int, check_positive
 from .common import DataArguments, ModelArguments, build_dense_vit, prepare_data, training_fields
 from .plots import kept_patches_on_object, plot_accuracy_against_time, plot_kept_patches
-from .runs import RunResult, Variant, budget_matched_steps, train_dense, train_tri_level
+from .runs import RunResult, Variant, budget_matched_steps, train_dense, train_one, tri_level_run
 
 
 @dataclass
@@ -41,9 +44,23 @@ class DemoArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
     seed: int = field(default=42, metadata={"help": "Initial weights and data order of the three runs."})
 
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: found by type)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: found by type)."})
+
     def __post_init__(self):
-        if self.evaluations < 1:
-            raise ValueError(f"`evaluations` must be >= 1, got {self.evaluations}.")
+        # Every value is checked here or (what depends on the data: the patch size) before the first run trains.
+        check_positive("epochs", self.epochs)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("evaluations", self.evaluations, minimum=1)
+        check_choice("example_pruning", self.example_pruning, EXAMPLE_PRUNING_METHODS)
+        if self.example_inactive_fraction is not None:
+            check_fraction("example_inactive_fraction", self.example_inactive_fraction)
+        for name in ("token_keep_ratio", "attention_keep_ratio"):
+            check_fraction(name, getattr(self, name), low_inclusive=False, high_inclusive=True)
+        if self.max_train_samples is not None:
+            check_int("max_train_samples", self.max_train_samples, minimum=0)
+        if self.max_eval_samples is not None:
+            check_int("max_eval_samples", self.max_eval_samples, minimum=1)
 
 
 ARGUMENTS = (DemoArguments, ModelArguments)
@@ -95,18 +112,21 @@ def patch_selection_report(tri_level_model, dense_model, model_args, data, seed:
 
 
 def main(args: DemoArguments, model_args: ModelArguments) -> list[RunResult]:
-    os.makedirs(args.output_dir, exist_ok=True)
     data = prepare_data(
         DataArguments(dataset_name=args.dataset_name, max_train_samples=args.max_train_samples or None,
-                      max_eval_samples=args.max_eval_samples),
+                      max_eval_samples=args.max_eval_samples, image_column=args.image_column,
+                      label_column=args.label_column),
         seed=args.seed,
     )
     fields = training_fields(args.output_dir, args.epochs, args.batch_size, args.seed, args.evaluations)
     variant = Variant(f"Tri-Level SparseViT ({describe_levels(args)})", args.example_pruning, args.token_keep_ratio,
                       args.attention_keep_ratio, args.example_inactive_fraction)
+    # The Tri-Level model and arguments first: a value they refuse fails before the dense run trains or writes.
+    tri_name, tri_model, tri_args = tri_level_run(data, model_args, args.seed, fields, variant)
+    os.makedirs(args.output_dir, exist_ok=True)
 
     dense, dense_trainer = train_dense(data, model_args, args.seed, fields, name="dense ViT")
-    tri, tri_trainer = train_tri_level(data, model_args, args.seed, fields, variant)
+    tri, tri_trainer = train_one(tri_name, TriLevelTrainer, tri_model, tri_args, data, role="tri_level")
     matched = train_dense(data, model_args, args.seed, fields, name="dense ViT, budget-matched",
                           max_steps=budget_matched_steps(dense, tri.train_seconds), role="dense_budget_matched")[0]
     results = [dense, matched, tri]

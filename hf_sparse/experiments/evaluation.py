@@ -5,6 +5,10 @@ Each model runs as a transformers `image-classification` pipeline with the image
 there is none, the data set's evaluation preprocessing); the metric is the accuracy module shipped with hf_sparse,
 so nothing is fetched from the Hub. Throughput is the evaluator's (one image per pipeline call, the first model is
 the reference of the ratios); run nothing else on the machine meanwhile.
+
+The split must exist, except the default, "test": a data set without one (a flat image folder) is evaluated on the
+part of train held out with `--seed` and `--held_out_fraction`, as training held it out. The pipeline feeds RGB; a
+one-channel model gets the luma of it (the grey image it trained on), as SparseViT computes itself.
 """
 
 from __future__ import annotations
@@ -14,36 +18,71 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers import ImageClassificationPipeline
 
 from ..metrics import load_accuracy
-from .common import DataArguments, load_splits
+from ..models.sparse_vit.modeling_sparse_vit import LUMA_WEIGHTS
+from ..validation import check_fraction, check_int
+from .common import DataArguments, load_splits, local_folder
 
 
 @dataclass
 class EvaluateArguments:
     models: list[str] = field(metadata={"help": "Saved model folders (or Hub ids); the first is the reference."})
     dataset_name: str = field(default="fashion_mnist", metadata={"help": "'fashion_mnist', a Hub name or a folder."})
-    split: str = field(default="test", metadata={"help": "The split to evaluate on."})
+    split: str = field(default="test", metadata={"help": "The split to evaluate on; without a test split, 'test' is "
+                       "the part of train held out with --seed and --held_out_fraction."})
     max_eval_samples: int | None = field(default=1000, metadata={"help": "Evaluate on the first examples only."})
     seed: int = field(default=42, metadata={"help": "Without the split: the seed of the held-out split made from "
                       "train; use the training run's, or the models are scored on images they trained on."})
     held_out_fraction: float = field(default=0.1, metadata={"help": "Without the split: the held-out fraction."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: found by type)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: found by type)."})
     json: str | None = field(default=None, metadata={"help": "Also write the results as JSON here."})
 
     def __post_init__(self):
         if not self.models:
             raise ValueError("`models` must name at least one model folder or Hub id.")
+        if self.max_eval_samples is not None:
+            check_int("max_eval_samples", self.max_eval_samples, minimum=1)
+        check_fraction("held_out_fraction", self.held_out_fraction, low_inclusive=False)
+        for model in self.models:
+            local_folder(model)  # a missing folder is said before any data set is loaded
 
 
 ARGUMENTS = (EvaluateArguments,)
 
 
 def evaluation_data(args: EvaluateArguments):
-    _, data = load_splits(DataArguments(dataset_name=args.dataset_name, eval_split=args.split,
-                                        held_out_fraction=args.held_out_fraction), seed=args.seed)
+    data_args = DataArguments(dataset_name=args.dataset_name, eval_split=args.split, image_column=args.image_column,
+                              label_column=args.label_column, held_out_fraction=args.held_out_fraction)
+    _, data = load_splits(data_args, seed=args.seed, eval_split_flag="split")
     if args.max_eval_samples is not None:
         data = data.select(range(min(args.max_eval_samples, len(data))))
     return data
+
+
+class LumaImageClassificationPipeline(ImageClassificationPipeline):
+    """The image-classification pipeline for a one-channel model: transformers' pipeline converts every image to RGB,
+    so the model gets the luma of the RGB pixels (PIL's "L" weights), which for a grey image is the image itself. The
+    processor's per-channel normalisation must be the same on the three channels (it is linear, so normalising then
+    taking the luma equals normalising the grey image)."""
+
+    def preprocess(self, image, timeout=None):
+        inputs = super().preprocess(image, timeout=timeout)
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.shape[1] == 3:
+            luma = pixel_values.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+            inputs["pixel_values"] = (pixel_values * luma).sum(dim=1, keepdim=True)
+        return inputs
+
+
+def _grey_processor_check(model_name: str, processor) -> None:
+    for name in ("image_mean", "image_std"):
+        values = getattr(processor, name, None)
+        if isinstance(values, (list, tuple)) and len(set(values)) > 1:
+            raise ValueError(f"{model_name} has num_channels=1 but its image processor's {name} differs per channel "
+                             f"({list(values)}): give it one value repeated over the three channels.")
 
 
 def _pipeline(model_name: str, data):
@@ -51,21 +90,23 @@ def _pipeline(model_name: str, data):
 
     from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, image_processor_for
 
+    model_name = local_folder(model_name) or model_name
     model = AutoModelForImageClassification.from_pretrained(model_name).eval()
-    if getattr(model.config, "num_channels", 3) == 1 and model.config.model_type != "sparse_vit":
-        raise ValueError(
-            f"{model_name} has num_channels=1, but transformers' image pipeline feeds RGB images: train it with "
-            "num_channels=3 (a grey image repeated), or, for a ViT, convert it to SparseViT (`hf-sparse convert`), "
-            "which takes the luma of an RGB input."
-        )
+    channels = getattr(model.config, "num_channels", 3)
     try:
         processor = AutoImageProcessor.from_pretrained(model_name)
     except OSError:  # no preprocessor_config.json: the data set's evaluation preprocessing
         size = data[0]["image"].size[0]
-        channels = getattr(model.config, "num_channels", 3)
         mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1 else ((0.5,) * 3, (0.5,) * 3)
         processor = image_processor_for(size, channels, mean, std)
-    return pipeline("image-classification", model=model, image_processor=processor, device=-1), model
+    # SparseViT takes the luma of an RGB input itself; other one-channel models get it from the pipeline.
+    grey = channels == 1 and model.config.model_type != "sparse_vit"
+    if grey:
+        _grey_processor_check(model_name, processor)
+    pipeline_class = LumaImageClassificationPipeline if grey else ImageClassificationPipeline
+    classifier = pipeline("image-classification", model=model, image_processor=processor, device=-1,
+                          pipeline_class=pipeline_class)
+    return classifier, model
 
 
 def _evaluator():
@@ -87,9 +128,7 @@ def evaluate_models(args: EvaluateArguments) -> list[dict]:
     for model_name in args.models:
         classifier, model = _pipeline(model_name, data)
         id2label = {int(key): value for key, value in model.config.id2label.items()}
-        if sorted(id2label.values()) != sorted(names):
-            raise ValueError(f"{model_name} predicts {sorted(id2label.values())} but `{args.dataset_name}` has the "
-                             f"labels {sorted(names)}.")
+        check_label_names(model_name, id2label, names, args.dataset_name)
         with torch.inference_mode():
             result = task.compute(
                 model_or_pipeline=classifier, data=data, metric=load_accuracy(),
@@ -98,6 +137,7 @@ def evaluate_models(args: EvaluateArguments) -> list[dict]:
         sparsity = getattr(model.config, "weight_sparsity", None)
         rows.append({
             "model": model_name,
+            "examples": len(data),
             "type": model.config.model_type,
             "accuracy": result["accuracy"],
             "samples_per_second": result["samples_per_second"],
@@ -108,6 +148,18 @@ def evaluate_models(args: EvaluateArguments) -> list[dict]:
     for row in rows:
         row["throughput_ratio"] = row["samples_per_second"] / rows[0]["samples_per_second"]
     return rows
+
+
+def check_label_names(model_name: str, id2label: dict[int, str], names: list[str], dataset_name: str) -> None:
+    """The model's labels must be the data set's names (predictions are matched to the data by name)."""
+    if sorted(id2label.values()) == sorted(names):
+        return
+    hint = ""
+    if all(label == f"LABEL_{index}" for index, label in id2label.items()):
+        hint = (" Its labels are transformers' defaults (LABEL_0, ...): set `config.id2label` (and `label2id`) to the "
+                "data set's class names, e.g. `model.config.id2label = dict(enumerate(names))`, and save it again.")
+    raise ValueError(f"{model_name} predicts {sorted(id2label.values())} but {dataset_name!r} has the labels "
+                     f"{sorted(names)}.{hint}")
 
 
 def format_table(rows: list[dict], examples: int) -> str:
@@ -121,8 +173,7 @@ def format_table(rows: list[dict], examples: int) -> str:
 
 def main(args: EvaluateArguments) -> list[dict]:
     rows = evaluate_models(args)
-    examples = len(evaluation_data(args))
-    print(format_table(rows, examples))
+    print(format_table(rows, rows[0]["examples"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
+from ..models.sparse_vit import SparseViTForImageClassification
 from ..tri_level import TriLevelTrainer, TriLevelTrainingArguments
 from .common import TrainingClockCallback, build_dense_vit, build_sparse_vit, compute_accuracy
 
@@ -89,9 +90,10 @@ def train_dense(data, model_args, seed: int, fields: dict[str, Any], name: str =
     return train_one(name, Trainer, model, TrainingArguments(**fields), data, role)
 
 
-def train_tri_level(data, model_args, seed: int, fields: dict[str, Any], variant: Variant,
-                    name: str | None = None) -> tuple[RunResult, TriLevelTrainer]:
-    """A SparseViT converted from the dense run's initial weights, trained by `TriLevelTrainer` with `variant`."""
+def tri_level_run(data, model_args, seed: int, fields: dict[str, Any], variant: Variant,
+                  name: str | None = None) -> tuple[str, SparseViTForImageClassification, TriLevelTrainingArguments]:
+    """(name, model, arguments) of a Tri-Level run: a SparseViT converted from the dense run's initial weights and its
+    `TriLevelTrainingArguments`. Building them checks every value, so a caller can do it before anything trains."""
     dense = build_dense_vit(model_args, data, seed)
     model_args = replace(model_args, token_fusion=variant.token_fusion or model_args.token_fusion)
     model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
@@ -102,6 +104,13 @@ def train_tri_level(data, model_args, seed: int, fields: dict[str, Any], variant
         **fields, example_pruning=variant.example_pruning, example_inactive_fraction=variant.inactive_fraction,
         **variant.arguments,
     )
+    return name, model, args
+
+
+def train_tri_level(data, model_args, seed: int, fields: dict[str, Any], variant: Variant,
+                    name: str | None = None) -> tuple[RunResult, TriLevelTrainer]:
+    """A SparseViT converted from the dense run's initial weights, trained by `TriLevelTrainer` with `variant`."""
+    name, model, args = tri_level_run(data, model_args, seed, fields, variant, name)
     return train_one(name, TriLevelTrainer, model, args, data, role="tri_level")
 
 

@@ -127,11 +127,12 @@ def load_source_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, torch
     """(config dict, on-disk state dict) of a model object, a local checkpoint directory or a Hub repo id (fetched
     like `from_pretrained` does: the cache, `HF_ENDPOINT`, offline mode and tokens apply)."""
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.isdir(source):
+        folder = _local_folder(str(source))
+        if folder is None:
             from huggingface_hub import snapshot_download
 
-            source = snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors", "*.json"])
-        return _read_checkpoint_dir(str(source))
+            folder = snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors", "*.json"])
+        return _read_checkpoint_dir(folder)
     if hasattr(source, "save_pretrained") and hasattr(source, "config"):
         # Saving gives the on-disk names, whatever this transformers version calls the modules in memory.
         with tempfile.TemporaryDirectory() as directory:
@@ -140,6 +141,18 @@ def load_source_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, torch
     raise TypeError(
         f"`source` must be a ViT/DeiT model, a local checkpoint directory or a Hub id, got {type(source).__name__}."
     )
+
+
+def _local_folder(name_or_path: str) -> str | None:
+    """`name_or_path` as a local folder (`~` expanded), or None for a Hub id. A path-like name (starting with / . or ~,
+    or not of the form `namespace/name`) that is no folder is said to be a missing folder, not a bad repo id."""
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", name_or_path) is not None
+    if name_or_path.startswith(("/", ".", "~")) or not hub_id:
+        raise FileNotFoundError(f"folder {name_or_path!r} does not exist (nor is it a Hub id such as namespace/name).")
+    return None
 
 
 def _read_checkpoint_dir(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
