@@ -148,3 +148,17 @@ def test_tost_trainer_trains_compiled(tmp_path, dynamo_warnings):
     masks = get_masks(trainer.model)
     assert masks and all(torch.all(modules[name].weight[~mask] == 0) for name, mask in masks.items())
     assert not [message for message in dynamo_warnings.messages if "recompile_limit" in message]
+
+
+def test_a_plain_trainer_compiles_sparse_vit_once(tmp_path):
+    """The model's own loss infers `problem_type` without writing the config inside the graph (a write would change a
+    guarded value and compile the model a second time)."""
+    from transformers import Trainer, TrainingArguments
+
+    data = with_tiny_transform(tiny_image_dataset(32), train=False)
+    model = tiny_sparse_vit(num_hidden_layers=1, token_pruning_layers=[0], token_keep_ratio=0.5)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                             **COMPILE)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert counters["stats"]["unique_graphs"] == counters["frames"]["ok"] == counters["frames"]["total"] == 1
