@@ -167,3 +167,13 @@ def test_flash_with_attention_sparsity_set_at_run_time_is_refused_before_the_ker
         model(torch.randn(2, 3, 16, 16))
     assert all(mask is None for mask in kernel_masks)
 
+
+
+def test_flex_compiles_into_the_model_graph():
+    """Under `torch.compile` (how the fused kernel is reached on a GPU) the block mask and flex_attention are traced
+    into one graph, without breaks, and the logits stay eager's (`aot_eager`: CPU inference, seconds)."""
+    eager, flex = eager_and("flex_attention", token_keep_ratio=0.6, attention_keep_ratio=0.5)
+    compiled = torch.compile(flex, backend="aot_eager", fullgraph=True)
+    pixel_values = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values).logits, eager(pixel_values).logits, atol=1e-5, rtol=1e-5)
