@@ -1,5 +1,6 @@
 """A real install: build the wheel from a copy of the sources, install it (not editable) into a folder of its own,
-and save, train with checkpoints and convert from that install, in a process that cannot see the source tree."""
+and save, train with checkpoints, convert and run `hf-sparse train` from that install, in a process that cannot see
+the source tree."""
 
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ ToSTTrainer(model=tost, args=ToSTTrainingArguments(output_dir="tost", mask_metho
                                                    **common), train_dataset=data).train()
 assert os.path.isfile(os.path.join("tost", "checkpoint-2", "sparsity_masks.safetensors"))
 assert "tost" in open(os.path.join("tost", "checkpoint-2", "README.md")).read()
+
+# `hf-sparse train` from the wheel (recipes/ is not in it), here with flags alone, on an image folder
+for index, image in enumerate(images):
+    os.makedirs(os.path.join("folder", "ab"[index % 2]), exist_ok=True)
+    image.save(os.path.join("folder", "ab"[index % 2], f"{index}.png"))
+assert cli_main(["train", "tri-level", "--dataset_name", "folder", "--num_channels", "1", "--hidden_size", "16",
+                 "--num_hidden_layers", "2", "--num_attention_heads", "2", "--patch_size", "2", "--max_steps", "1",
+                 "--per_device_train_batch_size", "4", "--output_dir", "trained", "--report_to", "none",
+                 "--save_strategy", "no", "--disable_tqdm", "true", "--token_keep_ratio", "0.5"]) == 0
+assert json.load(open(os.path.join("trained", "config.json")))["token_keep_ratio"] == 0.5
 print("installed wheel works")
 '''
 
@@ -65,7 +76,10 @@ def test_the_wheel_ships_what_the_package_reads_and_a_plain_install_saves_and_tr
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("hf_sparse-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"hf_sparse/model_cards/model_card.md", "hf_sparse/metrics/accuracy.py", "hf_sparse/py.typed"} <= names
+    assert {"hf_sparse/model_cards/model_card.md", "hf_sparse/metrics/accuracy.py", "hf_sparse/py.typed",
+            "hf_sparse/experiments/train.py"} <= names  # `hf-sparse train` and `accelerate launch -m` need no recipes/
+    entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
+    assert "hf-sparse = hf_sparse.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
