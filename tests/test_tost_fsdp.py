@@ -106,3 +106,11 @@ def test_fsdp1_wrapped_model_is_refused_by_the_trainer_and_the_masks(tmp_path):
         reapply(wrapped)
     with pytest.raises(ValueError, match=r"FSDP1.*fsdp_version: 2"):
         _trainer(tmp_path, wrapped)
+
+
+def test_lottery_ticket_rounds_refuse_fsdp():
+    from hf_sparse.tost.setup import round_arguments
+
+    with pytest.raises(ValueError, match=r"lottery_ticket.*FSDP.*DDP"):
+        round_arguments(SimpleNamespace(deepspeed=None, fsdp=True), steps=2, total_steps=4, round_index=0,
+                        keep_columns=False)

@@ -15,7 +15,6 @@ the model, `MaskCallback.on_train_begin` moving hooks and masks onto the shards)
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,9 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import ViTConfig, ViTForImageClassification
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from hf_sparse.tost.masks import (  # noqa: E402
+from hf_sparse.tost.masks import (
     MaskConfig,
     get_masks,
     load_masks,
@@ -39,7 +36,7 @@ from hf_sparse.tost.masks import (  # noqa: E402
     reapply,
     save_masks,
 )
-from hf_sparse.tost.masks.model import _masked_weights  # noqa: E402  (the local masks the project computed)
+from hf_sparse.tost.masks.model import _masked_weights  # the local masks the project computed
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
