@@ -200,7 +200,8 @@ def run_command(namespace: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    parts = ("hf-sparse", namespace.command, getattr(namespace, "sub_command", None), getattr(namespace, "method", None))
+    parts = ("hf-sparse", namespace.command, getattr(namespace, "sub_command", None),
+             getattr(namespace, "method", None))
     try:
         return run_command(namespace)
     except (ValueError, OSError) as error:  # bad values, missing files or folders, an unreachable Hub

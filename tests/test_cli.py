@@ -191,8 +191,8 @@ def test_train_input_errors_are_one_line_from_the_command_and_from_the_recipe_sc
         cli_main(["train", "tost", str(tmp_path / "missing.yaml")])
     assert "config file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
-    script = subprocess.run([sys.executable, str(ROOT / "recipes" / "tri_level.py"), config, "--tokn_keep_ratio", "0.5"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    script = subprocess.run([sys.executable, str(ROOT / "recipes" / "tri_level.py"), config,
+                             "--tokn_keep_ratio", "0.5"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={**os.environ, "HF_SPARSE_TRACEBACK": ""})
     assert script.returncode == 2 and script.stderr.strip().count("\n") == 0, script.stderr[-3000:]
     assert "did you mean --token_keep_ratio" in script.stderr

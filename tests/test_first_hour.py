@@ -285,7 +285,8 @@ def test_evaluate_serves_one_channel_models_and_says_to_set_id2label(tmp_path, c
         held_out = prepare_data(DataArguments(dataset_name=str(folder), image_size=8, num_channels=1,
                                               image_mean=[0.5], image_std=[0.5])).eval
         batch = held_out[: len(held_out)]
-        expected = float((resnet(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean())
+        predictions = resnet(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+        expected = float((predictions == batch["labels"]).float().mean())
     assert [row["type"] for row in rows] == ["resnet", "vit"] and rows[0]["accuracy"] == pytest.approx(expected)
     capsys.readouterr()
     tiny_vit(num_channels=3, id2label=None, label2id=None).save_pretrained(tmp_path / "unnamed")

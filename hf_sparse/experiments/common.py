@@ -397,8 +397,8 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, prog: st
     if unknown:
         options = [option for action in parser._actions for option in action.option_strings]
         flags = [item for item in unknown if item.startswith("-")] or unknown
-        hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(flag, options, 1)) else flag
-                 for flag in flags]
+        hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(flag, options, 1))
+                 else flag for flag in flags]
         raise ValueError(f"unknown field(s) {', '.join(hints)}: not a field of {[t.__name__ for t in dataclass_types]} "
                          "(see --help).")
     return tuple(parsed)
