@@ -1,4 +1,5 @@
-"""SparseViT configuration: every ViT field, plus token (level 2) and attention (level 3) sparsity."""
+"""SparseViT configuration: every ViT field, plus token (level 2) and attention (level 3) sparsity, and the random
+alternatives a user already has (random token selection, PatchDropout) to measure the levels against."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+
+TOKEN_SELECTIONS = ("cls_attention", "random")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_sparse_vit.SparseViTConfig",
@@ -54,9 +57,23 @@ class SparseViTConfig(PreTrainedConfig):
         token_pruning_layers (`list[int]`, *optional*):
             0-based indices of the pruning layers, strictly increasing. Defaults to 1/4, 2/4 and 3/4 of the depth
             (3, 6, 9 for 12 layers, as in the paper).
+        token_selection (`str`, defaults to `"cls_attention"`):
+            Which patch tokens a pruning layer keeps, in training: `"cls_attention"` the most attended by CLS
+            (head-averaged; EViT, the paper), `"random"` a uniform random subset of the same size at the same layers
+            (the control: drawn from torch's global RNG, which the Trainer seeds). Evaluation (`model.eval()`) always
+            ranks by CLS attention, so a model trained with random selection is evaluated, pruned, exactly as a
+            CLS-trained one is: deterministic, and the inference a user would deploy
+            (`set_sparsity(token_keep_ratio=1.0)` evaluates either with all tokens).
         token_fusion (`bool`, defaults to `False`):
             Fuse the dropped tokens into one extra token, their average weighted by CLS attention (EViT), instead of
-            dropping them (the paper).
+            dropping them (the paper). With `token_selection="random"`, the random subset is kept and the rest fused.
+        patch_dropout_keep_ratio (`float`, defaults to 1.0):
+            PatchDropout (Liu et al., WACV 2023; timm's `patch_drop_rate` is 1 minus this): in training only, each
+            image keeps a uniform random `ceil(n * patch_dropout_keep_ratio)` of its n patch tokens, once, right after
+            the embedding (position embeddings added; the prefix tokens always kept). Evaluation sees every patch (as
+            in timm); to evaluate pruned, use the token level at inference (`set_sparsity(token_keep_ratio=...)`).
+            `hf_sparse.flops.matched_patch_dropout_keep_ratio` gives the ratio with the training FLOPs of a token
+            pruning setting. 1.0 turns it off.
         attention_keep_ratio (`float`, defaults to 1.0):
             Fraction of the patch keys each patch query keeps, chosen at each pruning layer and applied in the
             following layers. Prefix and fused tokens are always kept as rows and columns. 1.0 turns it off.
@@ -91,6 +108,8 @@ class SparseViTConfig(PreTrainedConfig):
         token_pruning_layers: list[int] | None = None,
         token_fusion: bool = False,
         attention_keep_ratio: float = 1.0,
+        token_selection: str = "cls_attention",
+        patch_dropout_keep_ratio: float = 1.0,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -120,6 +139,8 @@ class SparseViTConfig(PreTrainedConfig):
         )
         self.token_fusion = token_fusion
         self.attention_keep_ratio = attention_keep_ratio
+        self.token_selection = token_selection
+        self.patch_dropout_keep_ratio = patch_dropout_keep_ratio
         self._validate_sparse_vit_fields()
         # Hub users without hf_sparse load through remote code: name all three Auto classes (transformers writes
         # only the saved class's own key).
@@ -172,6 +193,11 @@ class SparseViTConfig(PreTrainedConfig):
             raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
         self.token_keep_ratio = _check_ratio("token_keep_ratio", self.token_keep_ratio)
         self.attention_keep_ratio = _check_ratio("attention_keep_ratio", self.attention_keep_ratio)
+        self.patch_dropout_keep_ratio = _check_ratio("patch_dropout_keep_ratio", self.patch_dropout_keep_ratio)
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise ValueError(
+                f"`token_selection` must be one of {list(TOKEN_SELECTIONS)}, got {self.token_selection!r}."
+            )
         if not isinstance(self.token_fusion, bool):
             raise ValueError(f"`token_fusion` must be a bool, got {self.token_fusion!r}.")
         if not isinstance(self.use_distillation_token, bool):
@@ -188,4 +214,4 @@ class SparseViTConfig(PreTrainedConfig):
             raise ValueError(f"`token_pruning_layers` must be strictly increasing, got {layers!r}.")
 
 
-__all__ = ["SparseViTConfig", "default_token_pruning_layers"]
+__all__ = ["TOKEN_SELECTIONS", "SparseViTConfig", "default_token_pruning_layers"]

@@ -6,12 +6,18 @@ to the Hub as remote code.
 Token and attention sparsity happen in the pruning layers (`config.token_pruning_layers`), after the attention
 residual and before the MLP:
   * level 2 keeps the prefix tokens plus the `ceil(n * token_keep_ratio)` patch tokens that receive the most
-    head-averaged CLS attention (optionally fusing the rest into one token);
+    head-averaged CLS attention (optionally fusing the rest into one token); with `token_selection="random"`, a
+    uniform random subset of that size in training (the control), CLS attention in evaluation;
   * level 3 keeps, for each remaining patch query, the `ceil(k * attention_keep_ratio)` patch keys with the most
     head-averaged attention, and applies that boolean mask in the following layers up to and including the next
     pruning layer's attention. Prefix and fused tokens always keep their rows and columns.
 Selection scores come from a separate no-grad computation on this layer's queries and keys, softmaxed without any
 mask in force, in float32, so the main attention stays a fused SDPA call and an earlier mask cannot create ties.
+
+PatchDropout (`patch_dropout_keep_ratio` < 1, training only) keeps a uniform random subset of the patch tokens once,
+right after the embedding; the encoder then starts from those patches (their original indices travel with them).
+Every keep count is `keep_count(n, ratio)` of a ratio the config or `set_sparsity` sets, so random selection adds no
+value that `torch.compile` would specialise on.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class SparseViTModelOutput(BaseModelOutputWithPooling):
     r"""
     kept_patch_indices (`tuple(torch.LongTensor)`, *optional*):
         For each pruning layer that dropped tokens, the original indices (0-based, row-major over the patch grid) of
-        the patch tokens kept after it, shape `(batch_size, kept_patches)`.
+        the patch tokens kept after it, shape `(batch_size, kept_patches)`. PatchDropout's drop before the encoder
+        is not listed (it is no pruning layer), but the indices after it are still the original ones.
     cls_attention_variance (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
         Variance over the patch keys of the last layer's head-averaged CLS attention (returned when
         `output_cls_attention_variance=True`; used to break ties in example pruning).
@@ -92,6 +99,12 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> "L" conversion
 def keep_count(total: int, ratio: float) -> int:
     """`ceil(total * ratio)`, robust to float noise (0.7 * 100 is 70.00000000000001), and at least 1."""
     return max(1, math.ceil(round(total * ratio, 6)))
+
+
+def random_patch_positions(batch_size: int, num_patches: int, kept: int, device: torch.device) -> torch.LongTensor:
+    """A uniform random subset of `kept` of `num_patches` positions per image, in increasing order, `(batch, kept)`.
+    Drawn from torch's global RNG (seeded by the Trainer; restored by gradient checkpointing when it recomputes)."""
+    return torch.rand(batch_size, num_patches, device=device).topk(kept, dim=1).indices.sort(dim=1).values
 
 
 class SparseViTPatchEmbeddings(nn.Module):
@@ -182,6 +195,31 @@ class SparseViTEmbeddings(nn.Module):
                 )
             embeddings = embeddings + self.position_embeddings
         return self.dropout(embeddings)
+
+
+class SparseViTPatchDropout(nn.Module):
+    """PatchDropout (Liu et al., WACV 2023; timm's `patch_drop_rate`): in training, each image keeps a uniform random
+    `keep_count(patches, patch_dropout_keep_ratio)` of its patch tokens and every prefix token; in evaluation, all.
+    Has no parameters."""
+
+    def __init__(self, config: SparseViTConfig):
+        super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.keep_ratio = config.patch_dropout_keep_ratio
+
+    def extra_repr(self) -> str:
+        return f"keep_ratio={self.keep_ratio:g} (training only)"
+
+    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """(the embeddings kept, the original indices of the patches kept `(batch, kept)`, None when all are)."""
+        num_patches = embeddings.shape[1] - self.num_prefix_tokens
+        kept = keep_count(num_patches, self.keep_ratio)
+        if not self.training or kept >= num_patches:
+            return embeddings, None
+        patch_ids = random_patch_positions(embeddings.shape[0], num_patches, kept, embeddings.device)
+        index = patch_ids.unsqueeze(-1).expand(-1, -1, embeddings.shape[-1])
+        patches = embeddings[:, self.num_prefix_tokens :].gather(1, index)
+        return torch.cat((embeddings[:, : self.num_prefix_tokens], patches), dim=1), patch_ids
 
 
 def eager_attention_forward(
@@ -360,6 +398,7 @@ class SparseViTTokenSparsifier(nn.Module):
     def __init__(self, config: SparseViTConfig, ratios: SparsityRatios | None = None):
         super().__init__()
         self.num_prefix_tokens = config.num_prefix_tokens
+        self.token_selection = config.token_selection
         self.token_fusion = config.token_fusion
         self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
         self.ratios = ratios if ratios is not None else SparsityRatios(
@@ -367,10 +406,12 @@ class SparseViTTokenSparsifier(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"token_keep_ratio={self.ratios.token_keep_ratio:g}, "
             f"attention_keep_ratio={self.ratios.attention_keep_ratio:g}, token_fusion={self.token_fusion}"
         )
+        # the selection only when it is not the paper's, so a CLS-attention model prints as it always did
+        return text if self.token_selection == "cls_attention" else f"{text}, token_selection={self.token_selection}"
 
     def forward(
         self,
@@ -386,8 +427,14 @@ class SparseViTTokenSparsifier(nn.Module):
         kept = keep_count(num_patches, token_keep_ratio)
         kept_positions = None  # indices into the current patch tokens, (batch, kept)
         if kept < num_patches:
-            scores = cls_attention(query, key, self.scaling)
-            kept_positions = scores[:, num_special:].topk(kept, dim=1).indices.sort(dim=1).values
+            # Random selection is the training-time control; evaluation ranks by CLS attention (see the config).
+            random_selection = self.token_selection == "random" and self.training
+            # Random selection needs no scores, unless fusion weighs the dropped tokens by them.
+            scores = cls_attention(query, key, self.scaling) if self.token_fusion or not random_selection else None
+            if random_selection:
+                kept_positions = random_patch_positions(hidden_states.shape[0], num_patches, kept, hidden_states.device)
+            else:
+                kept_positions = scores[:, num_special:].topk(kept, dim=1).indices.sort(dim=1).values
             hidden_states, num_special = self._select_tokens(hidden_states, scores, kept_positions, num_special)
             state = TokenState(patch_ids=state.patch_ids.gather(1, kept_positions), num_special_tokens=num_special)
         else:
@@ -399,7 +446,7 @@ class SparseViTTokenSparsifier(nn.Module):
         return hidden_states, state
 
     def _select_tokens(
-        self, hidden_states: torch.Tensor, scores: torch.Tensor, kept_positions: torch.Tensor, num_special: int
+        self, hidden_states: torch.Tensor, scores: torch.Tensor | None, kept_positions: torch.Tensor, num_special: int
     ) -> tuple[torch.Tensor, int]:
         patches = hidden_states[:, num_special:]
         index = kept_positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
@@ -515,11 +562,15 @@ class SparseViTEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         output_cls_attention_variance: bool = False,
+        patch_ids: torch.LongTensor | None = None,
     ) -> SparseViTModelOutput:
+        """`patch_ids` `(batch, patches)`: the original indices of the patch tokens in `hidden_states` when some were
+        dropped before the encoder (PatchDropout); None: all patches, in order."""
         batch_size, sequence_length = hidden_states.shape[:2]
         num_prefix = self.config.num_prefix_tokens
-        patch_ids = torch.arange(sequence_length - num_prefix, device=hidden_states.device)
-        state = TokenState(patch_ids=patch_ids.expand(batch_size, -1), num_special_tokens=num_prefix)
+        if patch_ids is None:
+            patch_ids = torch.arange(sequence_length - num_prefix, device=hidden_states.device).expand(batch_size, -1)
+        state = TokenState(patch_ids=patch_ids, num_special_tokens=num_prefix)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         kept_patch_indices = []
@@ -619,6 +670,7 @@ class SparseViTModel(SparseViTPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.embeddings = SparseViTEmbeddings(config)
+        self.patch_dropout = SparseViTPatchDropout(config) if config.patch_dropout_keep_ratio < 1.0 else None
         self.encoder = SparseViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = SparseViTPooler(config) if add_pooling_layer else None
@@ -647,11 +699,15 @@ class SparseViTModel(SparseViTPreTrainedModel):
         embedding_output = self.embeddings(
             pixel_values.to(expected_dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
         )
+        patch_ids = None
+        if self.patch_dropout is not None:
+            embedding_output, patch_ids = self.patch_dropout(embedding_output)
         encoder_outputs = self.encoder(
             embedding_output,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_cls_attention_variance=output_cls_attention_variance,
+            patch_ids=patch_ids,
         )
         sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
         output = SparseViTModelOutput(
