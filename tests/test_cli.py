@@ -96,6 +96,56 @@ def test_bench_e2e_measures_the_protocol_over_seeds(tmp_path, capsys):
     assert json.loads(path.read_text()) == resumed
 
 
+@needs_fashion_mnist
+def test_bench_e2e_token_arms_report_pruned_and_all_tokens_accuracy(tmp_path, capsys):
+    """The random alternatives (issue 18): random selection and FLOPs-matched PatchDropout beside CLS-attention
+    pruning, each evaluated pruned and with all tokens; results written before those columns still read."""
+    from hf_sparse.experiments.bench_e2e import E2EArguments, finished_seeds, format_table, summarize
+    from hf_sparse.experiments.common import ModelArguments
+    from hf_sparse.flops import matched_patch_dropout_keep_ratio
+    from hf_sparse.models.sparse_vit import SparseViTConfig
+
+    path = tmp_path / "e2e.json"
+    arms = ["tokens_0.5", "random_tokens_0.5", "patch_dropout_0.5"]
+    cli_main(["bench", "e2e", "--output_dir", str(tmp_path), "--variants", *arms, "--seeds", "3",
+              "--max_train_samples", "128", "--max_eval_samples", "64", "--epochs", "1", "--evaluations", "2",
+              "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--json", str(path)])
+    assert "all tokens %" in capsys.readouterr().out
+    result = json.loads(path.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["dense", *arms]
+    assert rows["dense"]["pruned_accuracy"] is None and rows["dense"]["all_tokens_accuracy_per_seed"] == [None]
+    for arm in arms:
+        row, runs = rows[arm], result["runs"]["3"][arm]
+        assert 0.0 <= row["pruned_accuracy"] <= 1.0 and 0.0 <= row["all_tokens_accuracy"] <= 1.0
+        assert runs["budget_matched"]["role"] == "dense_budget_matched" and "time_to_dense_accuracy_s" in row
+        run = runs["run"]
+        assert [run["pruned_accuracy"], run["all_tokens_accuracy"]] == [
+            row["pruned_accuracy_per_seed"][0], row["all_tokens_accuracy_per_seed"][0]]
+    # token arms are configured pruned (their curve is); PatchDropout's model sees all tokens in evaluation
+    assert rows["tokens_0.5"]["pruned_accuracy"] == rows["tokens_0.5"]["test_accuracy"]
+    assert rows["random_tokens_0.5"]["pruned_accuracy"] == rows["random_tokens_0.5"]["test_accuracy"]
+    assert rows["patch_dropout_0.5"]["all_tokens_accuracy"] == rows["patch_dropout_0.5"]["test_accuracy"]
+    # PatchDropout keeps the share of patches with tokens_0.5's training FLOPs (28x28 in 4x4 patches, layers 0 and 1)
+    geometry = SparseViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                               image_size=28, patch_size=4, num_channels=1, num_labels=10)
+    patch_dropout_run = result["runs"]["3"]["patch_dropout_0.5"]["run"]
+    assert patch_dropout_run["patch_dropout_keep_ratio"] == matched_patch_dropout_keep_ratio(geometry, 0.5)
+    assert result["runs"]["3"]["tokens_0.5"]["run"]["patch_dropout_keep_ratio"] is None
+
+    # a JSON written before these columns (no such keys in its runs) resumes, its token columns not measured
+    older = json.loads(path.read_text())
+    for arm in arms:
+        for key in ("pruned_accuracy", "all_tokens_accuracy", "patch_dropout_keep_ratio"):
+            del older["runs"]["3"][arm]["run"][key]
+    path.write_text(json.dumps(older))
+    args, model_args = E2EArguments(**older["arguments"]), ModelArguments(**older["model"])
+    rows = summarize(args, finished_seeds(str(path), args, model_args))
+    assert [row["pruned_accuracy"] for row in rows] == [None] * 4
+    assert [row["test_accuracy"] for row in rows] == [row["test_accuracy"] for row in result["rows"]]
+    assert "tokens_0.5" in format_table(rows)
+
+
 def test_bench_throughput_reports_ratios_against_hf_vit(tmp_path, capsys):
     path = tmp_path / "throughput.json"
     cli_main(["bench", "throughput", "--image_size", "16", "--patch_size", "2", "--batch_size", "2", "--rounds", "1",

@@ -8,6 +8,12 @@ Two regimes (`--regime`, a preset that fills what is not given on the command li
   * converged: a 10,000-example subset, 30 epochs, the same ViT: dense gains under half a point over its last
     fifth, the regime of the papers' 300 epochs, reachable on 2 CPU cores.
 
+Token arms and the alternatives a user already has: `tokens_<r>` (CLS-attention top-k, the paper's selection),
+`random_tokens_<r>` (a uniform random subset of the same size at the same layers: the control) and
+`patch_dropout_<r>` (PatchDropout: random patches dropped once after the embedding, in training only, keeping the
+share of patches whose training FLOPs match `tokens_<r>`'s at the model's pruning layers). Each arm that drops tokens
+is also evaluated, once trained, pruned (CLS attention at `<r>`) and with all tokens: two more columns.
+
 Runs are sequential and interleaved (dense, variant, its budget-matched dense, next variant ...) so a slow spell hits
 every arm; results go to `<output_dir>/bench_e2e.json` after every seed, with `accuracy_vs_wall_clock.png` (the
 Pareto picture: dense at several budgets, Tri-Level at several settings) beside it. Wall-clock excludes evaluation
@@ -43,6 +49,10 @@ VARIANTS: dict[str, Variant] = {
     "tri_level_no_attention": Variant("Tri-Level: forgetting 0.2 + tokens 0.7", "forgetting", 0.7),
     "tokens_0.7": Variant("tokens 0.7", "none", 0.7),
     "tokens_0.5": Variant("tokens 0.5", "none", 0.5),
+    "random_tokens_0.7": Variant("tokens 0.7, random selection (control)", "none", 0.7, token_selection="random"),
+    "random_tokens_0.5": Variant("tokens 0.5, random selection (control)", "none", 0.5, token_selection="random"),
+    "patch_dropout_0.7": Variant("PatchDropout, FLOPs of tokens 0.7", "none", patch_dropout_matched_to=0.7),
+    "patch_dropout_0.5": Variant("PatchDropout, FLOPs of tokens 0.5", "none", patch_dropout_matched_to=0.5),
     "tokens_0.7_fusion": Variant("tokens 0.7, fused (EViT)", "none", 0.7, token_fusion=True),
     "tokens_0.5_fusion": Variant("tokens 0.5, fused (EViT)", "none", 0.5, token_fusion=True),
     "attention_0.5": Variant("attention 0.5", "none", 1.0, 0.5),
@@ -117,7 +127,8 @@ def run_seed(args: E2EArguments, model_args: ModelArguments, data, seed: int) ->
 
 def summarize(args: E2EArguments, per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant (dense first): medians and per-seed values of accuracy, wall-clock, images, time saved,
-    the budget-matched dense accuracy, the deltas against both dense runs and the time to dense accuracy."""
+    the budget-matched dense accuracy, the deltas against both dense runs and the time to dense accuracy; for arms
+    that drop tokens, the accuracy evaluated pruned and with all tokens (medians of the seeds that measured them)."""
     seeds = sorted(per_seed)
     dense = {seed: per_seed[seed]["dense"] for seed in seeds}
     target = {seed: dense[seed].accuracy - TOLERANCE for seed in seeds}
@@ -138,7 +149,16 @@ def summarize(args: E2EArguments, per_seed: dict[int, dict[str, Any]]) -> list[d
             "delta_vs_budget_matched_points": [
                 100 * (runs[s].accuracy - matched[s].accuracy) if matched[s] else None for s in seeds],
         }
+        # None here is "not measured" (no token level, or a seed from an older JSON), not "never": left out
+        measured = {
+            "pruned_accuracy": [runs[s].pruned_accuracy for s in seeds],
+            "all_tokens_accuracy": [runs[s].all_tokens_accuracy for s in seeds],
+        }
         row = {"variant": key, "label": "dense ViT" if key == "dense" else VARIANTS[key].label, "seeds": seeds}
+        for name, per in measured.items():
+            row[name] = median([value for value in per if value is not None])
+            row[f"{name}_per_seed"] = per
+            row[f"{name}_spread"] = spread(per)
         for name, per in values.items():
             row[name] = median(per)
             row[f"{name}_per_seed"] = per
@@ -158,16 +178,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         text = f"{scale * value:+.{digits}f}" if sign else f"{scale * value:.{digits}f}"
         return text + (f" [{scale * low:.{digits}f},{scale * high:.{digits}f}]" if low is not None and low != high else "")
 
-    lines = [f"{'variant':<26} {'test acc %':>20} {'train s':>18} {'saved %':>7} {'vs dense':>20} "
-             f"{'matched dense %':>20} {'vs matched':>20} {'to dense acc s':>20}"]
+    lines = [f"{'variant':<26} {'test acc %':>20} {'pruned %':>20} {'all tokens %':>20} {'train s':>18} "
+             f"{'saved %':>7} {'vs dense':>20} {'matched dense %':>20} {'vs matched':>20} {'to dense acc s':>20}"]
     for row in rows:
         lines.append(
-            f"{row['variant']:<26} {cell(row, 'test_accuracy', 100):>20} {cell(row, 'train_seconds', 1, 1):>18} "
+            f"{row['variant']:<26} {cell(row, 'test_accuracy', 100):>20} {cell(row, 'pruned_accuracy', 100):>20} "
+            f"{cell(row, 'all_tokens_accuracy', 100):>20} {cell(row, 'train_seconds', 1, 1):>18} "
             f"{100 * row['time_saved']:>7.1f} {cell(row, 'delta_vs_dense_points', sign=True):>20} "
             f"{cell(row, 'budget_matched_dense_accuracy', 100):>20} "
             f"{cell(row, 'delta_vs_budget_matched_points', sign=True):>20} {cell(row, 'time_to_dense_accuracy_s', 1, 1):>20}"
         )
-    lines.append("(medians over seeds, [min,max] across seeds; deltas in points, paired by seed; 'to dense acc': "
+    lines.append("(medians over seeds, [min,max] across seeds; deltas in points, paired by seed; 'test acc': the model "
+                 "as configured (PatchDropout: all tokens); 'pruned': CLS-attention selection at the arm's token keep "
+                 "ratio; 'all tokens': keep ratio 1; 'to dense acc': "
                  f"wall-clock at which the run's evaluations first reach the dense run's final accuracy - "
                  f"{100 * TOLERANCE:.1f})")
     return "\n".join(lines)

@@ -229,11 +229,13 @@ def build_sparse_vit(
     token_keep_ratio: float | None = None,
     attention_keep_ratio: float | None = None,
     from_dense: ViTForImageClassification | None = None,
+    **config_overrides: Any,
 ) -> SparseViTForImageClassification:
     """A SparseViT: converted from `model_name_or_path` or `from_dense` (same initial weights as the dense run), or
-    built from scratch; `None` ratios leave the converted model's own (1.0 from scratch)."""
+    built from scratch; `None` ratios leave the converted model's own (1.0 from scratch); `config_overrides` set
+    more SparseViTConfig fields (`token_selection`, `patch_dropout_keep_ratio`, ...)."""
     overrides: dict[str, Any] = dict(token_fusion=model_args.token_fusion,
-                                     attn_implementation=model_args.attn_implementation)
+                                     attn_implementation=model_args.attn_implementation, **config_overrides)
     if token_keep_ratio is not None:
         overrides["token_keep_ratio"] = token_keep_ratio
     if attention_keep_ratio is not None:

@@ -7,17 +7,23 @@ Every Tri-Level run is set beside two dense runs from the same initial weights (
     middle of the long run;
 and time to accuracy: the training wall-clock (evaluation excluded) at which a run's evaluations first reach the
 full dense run's final accuracy less `TOLERANCE`, read off the run's own curve (None when never reached).
+
+A run that drops tokens (token pruning, random token selection, PatchDropout) is evaluated, once trained, both pruned
+(CLS-attention selection at the variant's token keep ratio, at the model's pruning layers) and with all tokens.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
+from ..flops import matched_patch_dropout_keep_ratio
 from ..models.sparse_vit import SparseViTForImageClassification
 from ..tri_level import TriLevelTrainer, TriLevelTrainingArguments
 from .common import TrainingClockCallback, build_dense_vit, build_sparse_vit, compute_accuracy
@@ -35,11 +41,18 @@ class RunResult:
     steps: int = 0
     role: str = "dense"  # dense | dense_budget_matched | tri_level
     final_learning_rate: float | None = None  # 0 when the schedule decayed fully
+    # Runs that drop tokens: the final model evaluated pruned (CLS attention at the variant's token keep ratio) and
+    # with all tokens (None for other runs, and in results written before these were measured).
+    pruned_accuracy: float | None = None
+    all_tokens_accuracy: float | None = None
+    patch_dropout_keep_ratio: float | None = None  # PatchDropout runs: the (FLOPs-matched) share of patches kept
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A Tri-Level setting: the three levels' final ratios (`example_pruning` None: dense ViT)."""
+    """A Tri-Level setting: the three levels' final ratios (`example_pruning` None: dense ViT), how tokens are
+    selected (`SparseViTConfig.token_selection`), and PatchDropout with the training FLOPs of token pruning at
+    `patch_dropout_matched_to` (the model's pruning layers; `flops.matched_patch_dropout_keep_ratio`)."""
 
     label: str
     example_pruning: str | None
@@ -47,7 +60,15 @@ class Variant:
     attention_keep_ratio: float = 1.0
     inactive_fraction: float | None = None
     token_fusion: bool = False
+    token_selection: str = "cls_attention"
+    patch_dropout_matched_to: float | None = None
     arguments: dict[str, Any] = field(default_factory=dict)  # more TriLevelTrainingArguments
+
+    @property
+    def pruned_token_keep_ratio(self) -> float:
+        """The token keep ratio of the "pruned" evaluation: the model's own, or the one PatchDropout is matched to
+        (1.0: the variant drops no tokens)."""
+        return self.patch_dropout_matched_to or self.token_keep_ratio
 
 
 def train_one(name: str, trainer_class, model, training_args, data, role: str = "dense") -> tuple[RunResult, Trainer]:
@@ -97,7 +118,12 @@ def tri_level_run(data, model_args, seed: int, fields: dict[str, Any], variant: 
     dense = build_dense_vit(model_args, data, seed)
     model_args = replace(model_args, token_fusion=variant.token_fusion or model_args.token_fusion)
     model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
-                             from_dense=dense)
+                             from_dense=dense, token_selection=variant.token_selection)
+    if variant.patch_dropout_matched_to is not None:  # matched on the model's own geometry and pruning layers
+        keep_ratio = matched_patch_dropout_keep_ratio(model.config, variant.patch_dropout_matched_to)
+        model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
+                                 from_dense=dense, token_selection=variant.token_selection,
+                                 patch_dropout_keep_ratio=keep_ratio)
     name = name or variant.label
     fields = dict(fields, output_dir=os.path.join(fields["output_dir"], slug(name)))
     args = TriLevelTrainingArguments(
@@ -109,9 +135,48 @@ def tri_level_run(data, model_args, seed: int, fields: dict[str, Any], variant: 
 
 def train_tri_level(data, model_args, seed: int, fields: dict[str, Any], variant: Variant,
                     name: str | None = None) -> tuple[RunResult, TriLevelTrainer]:
-    """A SparseViT converted from the dense run's initial weights, trained by `TriLevelTrainer` with `variant`."""
+    """A SparseViT converted from the dense run's initial weights, trained by `TriLevelTrainer` with `variant`; a
+    variant that drops tokens is also evaluated pruned and with all tokens (`token_level_accuracies`)."""
     name, model, args = tri_level_run(data, model_args, seed, fields, variant, name)
-    return train_one(name, TriLevelTrainer, model, args, data, role="tri_level")
+    result, trainer = train_one(name, TriLevelTrainer, model, args, data, role="tri_level")
+    result.pruned_accuracy, result.all_tokens_accuracy = token_level_accuracies(trainer, variant, result.accuracy)
+    if model.config.patch_dropout_keep_ratio < 1.0:
+        result.patch_dropout_keep_ratio = model.config.patch_dropout_keep_ratio
+    return result, trainer
+
+
+def token_level_accuracies(trainer: TriLevelTrainer, variant: Variant,
+                           accuracy: float) -> tuple[float | None, float | None]:
+    """(pruned, all tokens) test accuracies of a trained run that drops tokens ((None, None) otherwise): CLS-attention
+    selection at `variant.pruned_token_keep_ratio`, and token keep ratio 1.0 (attention sparsity as trained).
+    `accuracy`, the run's final evaluation at the model's own ratio, stands for whichever of the two that is."""
+    pruned_ratio = variant.pruned_token_keep_ratio
+    if pruned_ratio >= 1.0:
+        return None, None
+    own_ratio = trainer.unwrapped_model.config.token_keep_ratio
+
+    def at(ratio: float) -> float:
+        if ratio == own_ratio:
+            return accuracy
+        with own_token_keep_ratio(trainer.unwrapped_model, ratio):
+            # not the "eval" prefix: the run's clock puts only `eval_accuracy` on its curve
+            return trainer.evaluate(metric_key_prefix="token_level")["token_level_accuracy"]
+
+    return at(pruned_ratio), at(1.0)
+
+
+@contextmanager
+def own_token_keep_ratio(model: SparseViTForImageClassification, ratio: float) -> Iterator[None]:
+    """Makes `ratio` the model's own token keep ratio for a while: `TriLevelTrainer.evaluate` evaluates at the
+    model's own ratios (`reset_sparsity`), whatever `set_sparsity` set before."""
+    config = model.config
+    held = config.token_keep_ratio
+    config.token_keep_ratio = ratio
+    try:
+        yield
+    finally:
+        config.token_keep_ratio = held
+        model.reset_sparsity()
 
 
 def budget_matched_steps(dense: RunResult, seconds: float) -> int:
