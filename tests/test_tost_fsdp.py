@@ -56,8 +56,8 @@ def _fake_accelerator(state: SimpleNamespace) -> SimpleNamespace:
     return SimpleNamespace(state=state, unwrap_model=lambda model: model)
 
 
-def _trainer(tmp_path: Path, model: nn.Module | None = None) -> ToSTTrainer:
-    args = ToSTTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+def _trainer(tmp_path: Path, model: nn.Module | None = None, **fields) -> ToSTTrainer:
+    args = ToSTTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **fields)
     return ToSTTrainer(model=model or tiny_vit(), args=args)
 
 
@@ -114,3 +114,16 @@ def test_lottery_ticket_rounds_refuse_fsdp():
     with pytest.raises(ValueError, match=r"lottery_ticket.*FSDP.*DDP"):
         round_arguments(SimpleNamespace(deepspeed=None, fsdp=True), steps=2, total_steps=4, round_index=0,
                         keep_columns=False)
+
+
+def test_lottery_ticket_is_refused_when_fsdp_comes_from_accelerates_config(tmp_path, monkeypatch):
+    """`accelerate launch --config_file fsdp.yaml` leaves `args.fsdp` empty; the accelerator's plugin says FSDP is on
+    (the Trainer's `is_fsdp_enabled` is read from it), and even FSDP2 cannot shard IMP's whole-parameter rounds."""
+    trainer = _trainer(tmp_path, mask_method="lottery_ticket", sparsity=0.5)
+    assert not trainer.args.fsdp  # nothing about FSDP in the arguments
+    monkeypatch.setattr(trainer, "accelerator", _fake_accelerator(SimpleNamespace(
+        fsdp_plugin=SimpleNamespace(fsdp_version=2))))
+    with pytest.raises(ValueError, match=r"lottery_ticket.*does not support FSDP.*DDP"):
+        trainer._check_sharding()
+    trainer.args.mask_method = "magnitude"
+    trainer._check_sharding()  # FSDP2 itself is supported

@@ -114,18 +114,29 @@ class ToSTTrainer(SparseTrainer):
         self.add_callback(MaskCallback())
 
     def _check_sharding(self) -> None:
-        """Refuse, before any step, the sharding under which masks cannot stay right: FSDP1, DeepSpeed ZeRO-3 and a
-        model sharded before it reached the trainer. FSDP2 through accelerate is supported (see `masks/model.py`)."""
+        """Refuse, before any step, the sharding under which masks cannot stay right: FSDP1, DeepSpeed ZeRO-3, a
+        model sharded before it reached the trainer, and the lottery ticket's whole-parameter rounds under any FSDP or
+        DeepSpeed. FSDP2 through accelerate is supported (see `masks/model.py`)."""
         instead = ("Use FSDP2 (`fsdp_version: 2` in accelerate's config, or `fsdp_config={'version': 2}`) or DDP "
                    "(`accelerate launch --multi_gpu`).")
-        if getattr(self, "is_fsdp_enabled", False):
-            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        # From the accelerator's state, not `args.fsdp`: `accelerate launch --config_file fsdp.yaml` leaves that None.
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        fsdp = getattr(self, "is_fsdp_enabled", False) or fsdp_plugin is not None
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
+        if fsdp:
+            version = getattr(fsdp_plugin, "fsdp_version", 1)
             if version != 2:
                 raise ValueError(
                     f"ToSTTrainer does not support FSDP{version}: it flattens the weights, so the weight masks cannot "
                     f"follow them. {instead}"
                 )
-        if getattr(self, "is_deepspeed_enabled", False):
+        if self.args.mask_method == "lottery_ticket" and (fsdp or deepspeed):
+            raise ValueError(
+                f"`mask_method='lottery_ticket'` does not support {'FSDP' if fsdp else 'DeepSpeed'}: its rounds train "
+                "whole parameters before the run shards them. Use DDP (`accelerate launch --multi_gpu`) or another "
+                "`mask_method`."
+            )
+        if deepspeed:
             stage = getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None)
             if stage == 3:
                 raise ValueError(
