@@ -77,7 +77,9 @@ class GhostRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         relus = [m for m in model.modules() if isinstance(m, GhostActivation)]
-        hooks = sum(len(m._forward_hooks) for m in model.modules() if isinstance(m, nn.Conv2d))
+        # a ghost branch reads its convolution's input (a forward pre-hook) and joins after the batch norm
+        hooks = sum(len(m._forward_pre_hooks) for m in model.modules() if isinstance(m, nn.Conv2d))
+        hooks += sum(len(m._forward_hooks) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
         self.steps.append((state.global_step, len(relus), hooks))
 
 
@@ -89,9 +91,9 @@ def test_ghosts_change_training_and_leave_no_trace(tmp_path, data):
                      ghost_end_fraction=0.5, rescaled_init="none", label_smoothing=0.0)
     trainer = ToSTTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
     trainer.train()
-    # 5 ReLUs (the stem's, the first conv layer's of each block, after each residual sum) become ghosts; the 5
-    # masked convolutions get a skip
-    assert recorder.steps[:3] == [(1, 5, 5), (2, 5, 5), (3, 5, 5)]
+    # 5 ReLUs (the stem's, the first conv layer's of each block, after each residual sum) become ghosts; the 4
+    # masked 3x3 convolutions get a ghost branch (2 hooks each), the 1x1 shortcut none
+    assert recorder.steps[:3] == [(1, 5, 8), (2, 5, 8), (3, 5, 8)]
     assert all(ghosts == 0 and hooks == 0 for _, ghosts, hooks in recorder.steps[3:])
     assert trainer.ghost_removed_at_step == 3
     assert all(type(m.activation) is nn.ReLU for m in model.modules() if hasattr(m, "activation")

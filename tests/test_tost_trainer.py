@@ -41,7 +41,7 @@ def arguments(output_dir, **overrides) -> ToSTTrainingArguments:
 
 
 PAPER_RECIPE = dict(ghost_soft_neurons=True, ghost_skip_connections=True, ghost_end_fraction=0.1, ghost_skip_alpha=1.0,
-                    rescaled_init="gradinit", label_smoothing=0.1)
+                    rescaled_init="gradinit", rescaled_init_steps=2, label_smoothing=0.1)  # 180 by default: slow
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -212,8 +212,8 @@ def test_rescaled_init_changes_the_scale_and_keeps_the_zeros(tmp_path, data):
     for name, mask in masks.items():
         factor = 1.0 / math.sqrt(mask.float().mean().item())
         torch.testing.assert_close(density_weights[f"{name}.weight"], factor * plain_weights[f"{name}.weight"])
-    assert default_rescaled_init_steps(40) == 1 and default_rescaled_init_steps(1000) == 20
-    assert default_rescaled_init_steps(10**6) == 180
+    # the ToST README's 180 iterations, whatever the run's length
+    assert default_rescaled_init_steps(40) == default_rescaled_init_steps(10**6) == 180
 
 
 def test_label_smoothing_is_the_papers_alpha_over_c_minus_one(tmp_path, data):

@@ -13,6 +13,14 @@ Each family trains with an optimizer and schedule suited to it (`FAMILIES`: SGD 
 ResNet, as in the paper; AdamW for the ViT), cosine decay to zero, on a seeded subset of Fashion-MNIST sized so that
 the default grid fits in a couple of hours on 2 CPU cores.
 
+`--regime` picks how the CNN sees its images (`REGIMES`). "default" feeds the 28 px images as they are: transformers'
+ImageNet stem (7x7 stride 2, max-pool) leaves 7x7, 4x4 and 2x2 maps to the three stages, without augmentation.
+"cifar_like" is the paper's setting as far as Fashion-MNIST allows: the images are resized to 56 px so the first stage
+works on 14x14 maps (then 7x7, 4x4, as a CIFAR ResNet's 32/16/8 scaled by the stem), training images get the authors'
+augmentation (random crop with 7 px zero padding, the 4 px of 32 scaled to 56, and horizontal flips), and the schedule
+is 30 epochs; its grid defaults to one seed of vanilla against the paper's recipe at 95 % and 98 % sparsity over the six
+masks (add seeds per command: the grid resumes). The ViT keeps its own images in every regime.
+
 The mask of a (family, method, sparsity, seed) is computed once, by its vanilla run (its time is reported as
 `mask s`, outside the training time), and saved under `<output_dir>/masks/`; every other run of that cell loads it,
 so the runs differ only by the technique. Training time counts the rescaled initialisation (part of the recipe's
@@ -122,6 +130,27 @@ SINGLE_TECHNIQUES = ("ghost_neurons", "ghost_skips", "rescaled_init", "label_smo
 
 
 @dataclass(frozen=True)
+class Regime:
+    """How a family's images are fed in a regime: resized, augmented in training, and for how many epochs."""
+
+    image_size: int | None = None
+    random_crop_padding: int = 0
+    horizontal_flip: bool = False
+    epochs: float | None = None
+
+
+# regime -> family -> its settings (a family not named keeps the default regime's); and the grid's defaults
+REGIMES: dict[str, dict[str, Regime]] = {
+    "default": {},
+    "cifar_like": {"resnet": Regime(image_size=56, random_crop_padding=7, horizontal_flip=True, epochs=30)},
+}
+REGIME_GRIDS: dict[str, dict[str, Any]] = {
+    "default": dict(sparsities=[0.9, 0.95], techniques=["full", *SINGLE_TECHNIQUES], seeds=[42, 43, 44]),
+    "cifar_like": dict(sparsities=[0.95, 0.98], techniques=["paper"], seeds=[42]),
+}
+
+
+@dataclass(frozen=True)
 class Family:
     """How a model family is trained in this benchmark."""
 
@@ -150,16 +179,21 @@ class ToSTBenchArguments:
                                                        "resumed: rows already there are skipped."})
     families: list[str] = field(default_factory=lambda: list(FAMILIES),
                                 metadata={"help": "Model families.", "choices": list(FAMILIES)})
+    regime: str = field(default="default", metadata={
+        "help": "How the CNN sees its images: 'default' (28 px, no augmentation) or 'cifar_like' (56 px so the first "
+                "stage works on 14 px maps, random crop and flip, 30 epochs; see the module docstring).",
+        "choices": list(REGIMES)})
     methods: list[str] = field(default_factory=lambda: list(TOST_MASK_METHODS),
                                metadata={"help": "Mask methods.", "choices": list(TOST_MASK_METHODS)})
-    sparsities: list[float] = field(default_factory=lambda: [0.9, 0.95],
-                                    metadata={"help": "Fractions of pruned weights, each in [0, 1)."})
-    techniques: list[str] = field(default_factory=lambda: ["full", *SINGLE_TECHNIQUES], metadata={
+    sparsities: list[float] | None = field(default=None, metadata={
+        "help": "Fractions of pruned weights, each in [0, 1) (default: the regime's, 0.9 0.95 or 0.95 0.98)."})
+    techniques: list[str] | None = field(default=None, metadata={
         "help": f"Variants besides vanilla (always run: the reference): {list(TECHNIQUES)}, or single techniques "
                 f"and settings of {list(SETTABLE)} joined by '+' (e.g. ghost_skips+label_smoothing, "
-                "label_smoothing=0.2)."})
-    seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={
-        "help": "Seeds of vanilla and the full recipe (initial weights, mask, data order); deltas are paired by seed."})
+                "label_smoothing=0.2). Default: the regime's (full and each technique alone, or paper)."})
+    seeds: list[int] | None = field(default=None, metadata={
+        "help": "Seeds of vanilla and the full recipe (initial weights, mask, data order); deltas are paired by seed "
+                "(default: the regime's, 42 43 44 or 42)."})
     technique_seeds: int = field(default=1, metadata={"help": "How many of the seeds each single technique runs."})
     epochs: float | None = field(default=None, metadata={"help": "Training epochs (default: the family's)."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate (default: the family's)."})
@@ -177,6 +211,11 @@ class ToSTBenchArguments:
                 "this one's before the grid runs; a row already in --json is kept."})
 
     def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise ValueError(f"`regime` must be one of {list(REGIMES)}, got {self.regime!r}.")
+        for name, value in REGIME_GRIDS[self.regime].items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value))
         if not self.sparsities or any(not 0.0 <= value < 1.0 for value in self.sparsities):
             raise ValueError(f"`sparsities` must be fractions in [0, 1), got {self.sparsities}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -193,7 +232,21 @@ class ToSTBenchArguments:
         family = replace(family, **{key: value for key, value in overrides.items() if value is not None})
         if self.max_train_samples is not None:
             family = replace(family, max_train_samples=self.max_train_samples or None)
+        regime_epochs = self.regime_of(name).epochs
+        if self.epochs is None and regime_epochs is not None:
+            family = replace(family, epochs=regime_epochs)
         return family
+
+    def regime_of(self, name: str) -> Regime:
+        """How the family's images are fed in this run's regime."""
+        return REGIMES[self.regime].get(name, Regime())
+
+    def data_arguments(self, name: str) -> DataArguments:
+        """The family's data: its training subset, resized and augmented as the regime says."""
+        regime = self.regime_of(name)
+        return DataArguments(max_train_samples=self.family(name).max_train_samples,
+                             max_eval_samples=self.max_eval_samples, image_size=regime.image_size,
+                             random_crop_padding=regime.random_crop_padding, horizontal_flip=regime.horizontal_flip)
 
 
 ARGUMENTS = (ToSTBenchArguments, ModelArguments)
@@ -245,7 +298,10 @@ def plan_grid(args: ToSTBenchArguments) -> list[tuple[str, str, float, str, int]
 
 def _settings(args: ToSTBenchArguments, model_args: ModelArguments) -> dict[str, Any]:
     """What changes results: a JSON written with other values is not mixed with this run."""
+    regime = {} if args.regime == "default" else {  # the default regime's JSONs keep their settings as they were
+        "regime": {"name": args.regime, **{name: asdict(args.regime_of(name)) for name in args.families}}}
     return {
+        **regime,
         "families": {name: asdict(args.family(name)) for name in args.families},
         "batch_size": args.batch_size, "max_eval_samples": args.max_eval_samples, "data_seed": args.data_seed,
         "mask_scope": args.mask_scope, "lottery_ticket_round_fraction": args.lottery_ticket_round_fraction,
@@ -417,13 +473,12 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         if key in done:
             continue
         family = args.family(family_name)
-        if family.max_train_samples not in data:
-            data[family.max_train_samples] = prepare_data(
-                DataArguments(max_train_samples=family.max_train_samples, max_eval_samples=args.max_eval_samples),
-                seed=args.data_seed,
-            )
+        data_args = args.data_arguments(family_name)
+        data_key = json.dumps(asdict(data_args), sort_keys=True)
+        if data_key not in data:
+            data[data_key] = prepare_data(data_args, seed=args.data_seed)
         print(f"\n=== {prefix} ===", flush=True)
-        row, mask_seconds = run_one(args, family, data[family.max_train_samples], model_args, cell, masks)
+        row, mask_seconds = run_one(args, family, data[data_key], model_args, cell, masks)
         results["rows"].append(row)
         if mask_seconds is not None:
             results["mask_seconds"][_key(family_name, method, sparsity, None, seed)] = mask_seconds
@@ -441,7 +496,8 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
     for family_name in args.families:
         family = args.family(family_name)
         won, compared = wins(summary, family_name)
-        print(f"\n{family_name}: Fashion-MNIST ({family.max_train_samples or 'all'} training images), "
+        regime = "" if args.regime == "default" else f", regime {args.regime}"
+        print(f"\n{family_name}: Fashion-MNIST ({family.max_train_samples or 'all'} training images{regime}), "
               f"{family.epochs:g} epochs, {args.mask_scope} masks; accuracy mean±std over seeds, 'vs vanilla' the "
               f"mean±std of the paired deltas in points; the full recipe wins {won} of {compared} pairs:")
         family_rows = [row for row in summary if row["family"] == family_name]

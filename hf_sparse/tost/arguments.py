@@ -17,9 +17,9 @@ from .masks import DEFAULT_PRUNABLE_PATTERNS, MASK_METHODS, MASK_SCOPES, MaskCon
 
 TOST_MASK_METHODS: tuple[str, ...] = (*MASK_METHODS, "lottery_ticket")
 RESCALED_INIT_METHODS: tuple[str, ...] = ("gradinit", "density", "none")
-GRADINIT_MAX_STEPS = 180
-"""The ToST README's GradInit iterations (long CNN runs); short runs use 2 % of their optimizer steps, at least 1."""
-GRADINIT_STEP_FRACTION = 0.02
+GRADINIT_STEPS = 180
+"""GradInit's iterations in the ToST README's command, whatever the run's length (their code's default is 390)."""
+GRADINIT_MAX_STEPS = GRADINIT_STEPS  # the name earlier versions exported
 
 
 # The recipe each model family gets when its fields are left unset (None): the best settings measured in
@@ -48,8 +48,11 @@ RECIPE_FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
 
 
 def default_rescaled_init_steps(total_steps: int) -> int:
-    """min(180, max(1, round(2 % of the optimizer steps))): 180 on long runs, a few on short ones."""
-    return min(GRADINIT_MAX_STEPS, max(1, round(GRADINIT_STEP_FRACTION * total_steps)))
+    """GradInit's iterations when `rescaled_init_steps` is unset: the ToST README's 180, independent of the run's
+    `total_steps` (a fraction of a short run, e.g. 12 steps, leaves the scales within +/-12 % of 1: GradInit inert).
+    Its time is part of the run's (`sparsity_setup["rescaled_init_seconds"]`, inside `train()`)."""
+    check_int("total_steps", total_steps, minimum=0)
+    return GRADINIT_STEPS
 
 
 @dataclass
@@ -134,8 +137,10 @@ class ToSTTrainingArguments(TrainingArguments):
                   "(default: the model family's recipe)."},
     )
     ghost_skip_connections: bool | None = field(
-        default=None, metadata={"help": "Add alpha*G(x) (identity-like, parameter-free) around each sparse layer "
-                                "(default: the model family's recipe)."}
+        default=None, metadata={"help": "Add alpha*G(x) around each sparse layer, alpha annealed to 0: on a ViT G is "
+                                "identity-like and parameter-free; on a CNN G is the ToST code's trainable 1x1 "
+                                "convolution + BatchNorm around each k x k convolution, joined after its BatchNorm and "
+                                "deleted with its optimizer state (default: the model family's recipe)."}
     )
     ghost_end_fraction: float | None = field(
         default=None,
@@ -167,7 +172,8 @@ class ToSTTrainingArguments(TrainingArguments):
     )
     rescaled_init_steps: int | None = field(
         default=None,
-        metadata={"help": "GradInit iterations. Default min(180, max(1, 2 % of the optimizer steps)); paper: 180."},
+        metadata={"help": f"GradInit iterations (default {GRADINIT_STEPS}, the ToST README's, whatever the run's "
+                  "length; its time counts in the run's)."},
     )
     gradinit_lr: float = field(default=1e-2, metadata={"help": "GradInit: Adam learning rate of the scales."})
     gradinit_eta: float = field(default=0.1, metadata={"help": "GradInit: look-ahead step size (normalised gradient)."})
@@ -189,9 +195,10 @@ class ToSTTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.ddp_find_unused_parameters is None:
-            # Every parameter of the model gets a gradient at every step (ghost skips and soft neurons hold no
-            # parameters, and removing them leaves none behind), so DDP need not search the autograd graph for unused
-            # ones (the Trainer's default unless gradient checkpointing is on). An explicit True is kept.
+            # Every parameter of the model gets a gradient at every step (soft neurons and the ViT's ghost skips hold
+            # no parameters; a CNN's ghost branches live outside the model, their gradients averaged by the ghost
+            # callback), so DDP need not search the autograd graph for unused ones (the Trainer's default unless
+            # gradient checkpointing is on). An explicit True is kept.
             self.ddp_find_unused_parameters = False
         check_choice("mask_method", self.mask_method, TOST_MASK_METHODS)
         check_fraction("sparsity", self.sparsity)

@@ -18,8 +18,9 @@ neither the mask nor the rescaled initialisation (the checkpoint's weights alrea
 function of the global step, so a resumed run continues the schedule exactly.
 
 What differs from the public ToST code, on purpose: the ghosts really are annealed and removed; the GradInit
-look-ahead is masked and always runs after masking; ghost skips are parameter-free identity-like maps (nothing to fold
-back); label smoothing is the paper's alpha / (C - 1) on each wrong class; nothing is computed before masking.
+look-ahead is masked and always runs after masking; the ViT's ghost skips are parameter-free identity-like maps
+(nothing to fold back; a CNN's are the authors' trainable 1x1 branches, deleted with their optimizer state); label
+smoothing is the paper's alpha / (C - 1) on each wrong class; nothing is computed before masking.
 """
 
 from __future__ import annotations
@@ -183,10 +184,17 @@ class ToSTTrainer(SparseTrainer):
     # --- setup: mask -> sync -> rescaled init ---------------------------------------------------------------------
 
     def _prepare_training(self, resume_from_checkpoint: str | None) -> None:
+        self.ghosts.resume_checkpoint = resume_from_checkpoint  # the CNN ghost branches' weights, within the phase
         if resume_from_checkpoint is not None:
             self._load_checkpoint_masks(resume_from_checkpoint)
         elif self.sparsity_setup is None:
             self.setup_sparsity()
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        # the CNN ghost branches train with the run: their groups exist before the schedule and a resumed state
+        self.ghosts.add_branches_to_optimizer(self.unwrapped_model, optimizer, self.state, self.args)
+        return optimizer
 
     def planned_steps(self) -> int:
         """The optimizer steps `train()` will run (the Trainer's own count)."""

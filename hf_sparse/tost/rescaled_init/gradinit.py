@@ -1,15 +1,22 @@
 """Layer-wise rescaled initialisation (LRsI): GradInit (Zhu et al. 2021) applied to a masked network, as in ToST.
 
-One learned scale alpha_i >= min_scale per parameter tensor, theta_i = alpha_i * theta_i0, so pruned zeros stay
-zero. Each iteration draws a batch and computes g = grad L(theta), masked (g * M) for masked tensors:
+One learned scale alpha_i >= min_scale per parameter tensor (>= 0 for biases), theta_i = alpha_i * theta_i0, so pruned
+zeros stay zero. As in the ToST code (`LRsI/gradinit_utils.py`, README command), each iteration concatenates two
+batches and computes g = grad L(theta) on them, masked (g * M) for masked tensors:
 
 * if ||g|| > gamma, the objective is ||g|| (bring the gradient norm down);
-* else it is the loss on a fresh batch after the masked look-ahead step theta' = theta - eta * g / ||g||
-  (theta - eta * g without `normalize_grad`), i.e. "which scales make one SGD step most useful".
+* else it is the loss, on the first of those batches and a fresh one, after the masked look-ahead step
+  theta' = theta - eta * g / ||g|| (theta - eta * g without `normalize_grad`): "which scales make one SGD step most
+  useful".
 
-Both objectives differentiate through g (a double backward): Adam on the scales, scale gradients clipped to
-`grad_clip` in norm, scales clamped to >= `min_scale`; finally theta_i = alpha_i * theta_i0 is written into the
-model. Unlike ToST's public code the look-ahead is masked and the scales cover LayerNorm weights (transformers).
+Both objectives differentiate through g (a double backward). The scales follow the ToST code's `RescaleAdam`: each
+scale's gradient is clipped to [-grad_clip, grad_clip] on its own (per dimension), the first moment is kept apart
+for the two objectives while the second is shared, and a scale never goes below its group's floor (`min_scale` for
+weights, 0 for biases); a tensor that starts at zero (a batch norm's bias) is left alone. Weights, normalisation
+weights and biases are scaled, as theirs (every Conv/Linear/BatchNorm tensor). Batch norms use the batch's statistics
+without updating their running ones and dropout is off, as in their `set_bn_modes` after `net.eval()`. Finally
+theta_i = alpha_i * theta_i0 is written into the model. Unlike the ToST code the look-ahead is masked and GradInit runs
+after masking, and the scales also cover LayerNorm weights (transformers).
 
 Double backward through attention: torch's fused CPU SDPA kernel has none. Everything here runs under
 `sdpa_kernel(SDPBackend.MATH)`, which also makes SDPA-attention models work; eager attention
@@ -18,7 +25,9 @@ Double backward through attention: torch's fused CPU SDPA kernel has none. Every
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +99,66 @@ def scaled_parameter_names(
     ]
 
 
+def concat_batches(first: Any, second: Any) -> Any:
+    """Two collated batches as one (dicts and (inputs, labels) pairs of tensors): GradInit's double batch."""
+    if isinstance(first, Mapping):
+        return {key: torch.cat([value, second[key]]) if isinstance(value, torch.Tensor) else value
+                for key, value in first.items()}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches(a, b) for a, b in zip(first, second))
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    raise TypeError(f"Cannot concatenate batches of type {type(first).__name__}: use dicts or (inputs, labels) pairs.")
+
+
+@contextlib.contextmanager
+def batch_statistics_without_running_update(model: nn.Module) -> Iterator[None]:
+    """`model.eval()` (no dropout) with every batch norm normalising by the batch's statistics and leaving its running
+    statistics untouched (the ToST code's `set_bn_modes`); the modes are restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = {m: m.track_running_stats for m in norms}
+    model.eval()
+    for norm in norms:
+        norm.training, norm.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = tracking[norm]
+        for module, training in modes.items():
+            module.training = training
+
+
+class RescaleAdam:
+    """The ToST code's `RescaleAdam` on scalar scales: a per-scale gradient clipped to +/- `grad_clip`, separate first
+    moments for the gradient-norm ("constraint") and look-ahead steps, one shared second moment, and a floor per scale.
+    A scale whose tensor starts at zero is skipped (nothing to scale)."""
+
+    def __init__(self, floors: Mapping[str, float], zero_at_start: set[str], lr: float, grad_clip: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.floors, self.skipped = dict(floors), set(zero_at_start)
+        self.lr, self.grad_clip, self.betas, self.eps = lr, grad_clip, betas, eps
+        names = [name for name in self.floors if name not in self.skipped]
+        self.first = {kind: dict.fromkeys(names, 0.0) for kind in ("grad_norm", "lookahead")}
+        self.second = dict.fromkeys(names, 0.0)
+        self.steps = {kind: 0 for kind in ("grad_norm", "lookahead")}
+
+    def step(self, scales: Mapping[str, torch.Tensor], grads: Mapping[str, float], kind: str) -> None:
+        beta1, beta2 = self.betas
+        self.steps[kind] += 1
+        correction1 = 1 - beta1 ** self.steps[kind]
+        correction2 = 1 - beta2 ** sum(self.steps.values())
+        with torch.no_grad():
+            for name, first in self.first[kind].items():
+                grad = max(min(grads[name], self.grad_clip), -self.grad_clip)
+                self.first[kind][name] = first = first * beta1 + grad * (1 - beta1)
+                self.second[name] = self.second[name] * beta2 + grad * grad * (1 - beta2)
+                denominator = math.sqrt(self.second[name] / correction2) + self.eps
+                value = scales[name].item() - self.lr / correction1 * first / denominator
+                scales[name].fill_(max(value, self.floors[name]))
+
+
 def gradinit_rescale(
     model: nn.Module,
     batches: Iterable[Any],
@@ -103,20 +172,21 @@ def gradinit_rescale(
     grad_clip: float = 1.0,
     normalize_grad: bool = True,
     include_layernorm: bool = True,
-    include_bias: bool = False,
+    include_bias: bool = True,
     include_embeddings: bool = False,
 ) -> GradInitReport:
     """Learn one scale per parameter tensor with GradInit and bake it into the weights (see module docstring).
 
     Args:
-        batches: a list or DataLoader (restarted when spent) or an iterator with at least 1 + 2 * steps batches.
+        batches: a list or DataLoader (restarted when spent) or an iterator with at least 1 + 3 * steps batches.
             The first batch is held out to measure the loss before and after.
         loss_fn: `loss_fn(model, batch) -> loss`; it must call `model(...)`. Default: the model's `.loss`.
         masks: module name -> mask; default: the masks attached to the model. Masked tensors keep their zeros.
-        steps, lr, eta, gamma, min_scale, grad_clip, normalize_grad: GradInit's settings (ToST README values).
+        steps, lr, eta, gamma, min_scale, grad_clip, normalize_grad: GradInit's settings (the ToST README's command:
+            180 iterations, lr 1e-2, eta 0.1, gamma 1, min scale 0.01, per-dimension clip 1, normalised gradient).
         include_layernorm / include_bias / include_embeddings: which tensors besides weights get a scale.
 
-    Runs in the model's current train/eval mode (dropout adds noise in train mode).
+    Runs with dropout off and batch norms on batch statistics (their running statistics untouched).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
@@ -139,18 +209,23 @@ def gradinit_rescale(
         for name, parameter in parameters.items()
     }
     scaled = scaled_parameter_names(model, include_layernorm, include_bias, include_embeddings)
-    # float64 scalars: exact clamping at min_scale; a 0-dim tensor does not change the weights' dtype.
+    biases = set(scaled_parameter_names(model, False, True, False)) - set(scaled_parameter_names(model, False, False))
+    # float64 scalars: exact clamping at the floor; a 0-dim tensor does not change the weights' dtype.
     scales = {
         name: torch.ones((), dtype=torch.float64, device=base[name].device, requires_grad=True) for name in scaled
     }
-    optimizer = torch.optim.Adam(list(scales.values()), lr=lr)
+    optimizer = RescaleAdam(
+        floors={name: 0.0 if name in biases else min_scale for name in scaled},
+        zero_at_start={name for name in scaled if not bool(base[name].any())},
+        lr=lr, grad_clip=grad_clip,
+    )
     cycler = BatchCycler(batches)
 
     def loss_at(values: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return functional_call(loss_module, {f"model.{name}": value for name, value in values.items()}, (batch,))
 
     history: list[dict[str, Any]] = []
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), batch_statistics_without_running_update(model):
         held_out = cycler.next()
         with torch.no_grad():
             loss_before = float(loss_at(base, held_out))
@@ -159,7 +234,8 @@ def gradinit_rescale(
                 name: scales[name] * tensor if name in scales else tensor.detach().requires_grad_(True)
                 for name, tensor in base.items()
             }
-            loss = loss_at(values, cycler.next())
+            first_half = cycler.next()
+            loss = loss_at(values, concat_batches(first_half, cycler.next()))
             grads = torch.autograd.grad(loss, list(values.values()), create_graph=True, allow_unused=True)
             grads = {
                 name: (torch.zeros_like(values[name]) if grad is None else grad)
@@ -173,19 +249,14 @@ def gradinit_rescale(
             else:
                 step_size = eta / (grad_norm + 1e-12) if normalize_grad else eta
                 lookahead = {name: values[name] - step_size * grads[name] for name in values}
-                objective, kind = loss_at(lookahead, cycler.next()), "lookahead"
+                # the first half again with a fresh one (the ToST code's default, `batch_no_overlap=False`)
+                objective = loss_at(lookahead, concat_batches(first_half, cycler.next())) / eta
+                kind = "lookahead"
             if not objective.requires_grad:
                 raise RuntimeError("GradInit's objective does not depend on the scales; check `loss_fn`.")
             scale_grads = torch.autograd.grad(objective, list(scales.values()), allow_unused=True)
-            scale_grads = [torch.zeros_like(s) if g is None else g for s, g in zip(scales.values(), scale_grads)]
-            total = torch.sqrt(sum(g.pow(2) for g in scale_grads))
-            clip = min(1.0, grad_clip / (total.item() + 1e-12))
-            for scale, grad in zip(scales.values(), scale_grads):
-                scale.grad = grad.detach() * clip
-            optimizer.step()
-            with torch.no_grad():
-                for scale in scales.values():
-                    scale.clamp_(min=min_scale)
+            optimizer.step(scales, {name: 0.0 if grad is None else grad.item()
+                                    for name, grad in zip(scales, scale_grads)}, kind)
             history.append(
                 {
                     "step": step,
@@ -210,5 +281,6 @@ def gradinit_rescale(
         steps=steps,
         history=history,
     )
-    logger.info("GradInit: %d steps, held-out loss %.4f -> %.4f", steps, loss_before, loss_after)
+    logger.info("GradInit: %d steps, held-out loss %.4f -> %.4f, scales %.3f to %.3f", steps, loss_before, loss_after,
+                min(report.scales.values(), default=1.0), max(report.scales.values(), default=1.0))
     return report
