@@ -1,5 +1,6 @@
-"""Example-level pruning: planned epoch sizes, determinism, forgetting statistics, refresh, InfoBatch,
-state round trip, validation, the sampler under accelerate-style sharding."""
+"""Example-level pruning: planned epoch sizes, determinism, forgetting statistics, refresh, InfoBatch at a fixed
+epoch size, state round trip, validation, the sampler under accelerate-style sharding (InfoBatch itself:
+test_infobatch.py)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,21 @@ from hf_sparse.tri_level import (
     EXAMPLE_PRUNERS,
     ExamplePruningSampler,
     ForgettingExamplePruner,
-    InfoBatchExamplePruner,
     build_example_pruner,
     load_example_pruner,
     plan_refresh_epochs,
 )
+from hf_sparse.tri_level.example_pruning import InfoBatchFixedSizeExamplePruner
 from hf_sparse.tri_level.example_pruning.pruner import _PendingRecord
 
 METHOD_FIELDS = {
     "forgetting": {"inactive_fraction": 0.2, "swap_fraction": 0.05},
-    "infobatch": {"inactive_fraction": 0.2},
+    "infobatch": {},
+    "infobatch_fixed_size": {"inactive_fraction": 0.2},
     "random": {"inactive_fraction": 0.2},
     "none": {},
 }
+FIXED_SIZE_METHODS = sorted(name for name, pruner in EXAMPLE_PRUNERS.items() if pruner.fixed_epoch_size)
 
 
 def _run_epoch(pruner, epoch: int, generator: torch.Generator) -> torch.Tensor:
@@ -49,7 +52,7 @@ def test_plan_refresh_epochs_matches_paper():
     assert plan_refresh_epochs(1) == []
 
 
-@pytest.mark.parametrize("method", sorted(EXAMPLE_PRUNERS))
+@pytest.mark.parametrize("method", FIXED_SIZE_METHODS)
 def test_epoch_size_is_constant_and_indices_valid(method):
     pruner = build_example_pruner(method, 503, num_epochs=8, seed=1, **METHOD_FIELDS[method])
     expected = 503 if method == "none" else 503 - round(0.2 * 503)
@@ -201,7 +204,7 @@ def test_record_async_is_applied_in_order_before_anything_reads_the_statistics(m
 
 def test_queued_records_reach_every_save_and_a_load_replaces_them(monkeypatch, tmp_path):
     monkeypatch.setattr(_PendingRecord, "ready", lambda self: False)
-    pruner = build_example_pruner("infobatch", 20, num_epochs=4, seed=0, inactive_fraction=0.2)
+    pruner = build_example_pruner("infobatch_fixed_size", 20, num_epochs=4, seed=0, inactive_fraction=0.2)
     order = pruner.epoch_indices(0)
     pruner.record_async(order, torch.ones(16, dtype=torch.bool), torch.arange(16.0))
     pruner.save(tmp_path)
@@ -294,9 +297,11 @@ def test_random_tie_break_is_seeded_and_not_index_order():
     assert removed_sets.count(lowest) < len(removed_sets)  # not simply the lowest indices
 
 
-# ---- InfoBatch -----------------------------------------------------------------------------------
-def _infobatch_with_losses(prune_ratio: float = 0.5, num_epochs: int = 8) -> InfoBatchExamplePruner:
-    pruner = InfoBatchExamplePruner(100, inactive_fraction=0.2, seed=0, num_epochs=num_epochs, prune_ratio=prune_ratio)
+# ---- InfoBatch at a fixed epoch size ---------------------------------------------------------------
+def _infobatch_with_losses(prune_ratio: float = 0.5, num_epochs: int = 8) -> InfoBatchFixedSizeExamplePruner:
+    pruner = InfoBatchFixedSizeExamplePruner(
+        100, inactive_fraction=0.2, seed=0, num_epochs=num_epochs, prune_ratio=prune_ratio
+    )
     pruner.epoch_indices(0)
     everyone = torch.arange(100)
     pruner.record(everyone, torch.ones(100, dtype=torch.bool), everyone.float())  # loss of i is i
@@ -304,7 +309,7 @@ def _infobatch_with_losses(prune_ratio: float = 0.5, num_epochs: int = 8) -> Inf
 
 
 @pytest.mark.parametrize(("prune_ratio", "smallest_pool", "pool_size"), [(0.5, 40, 50), (0.8, 25, 50), (0.2, 100, 100)])
-def test_infobatch_pool_drop_count_and_unbiased_weights(prune_ratio, smallest_pool, pool_size):
+def test_infobatch_fixed_size_pool_drop_count_and_unbiased_weights(prune_ratio, smallest_pool, pool_size):
     # losses 0..99: the below-mean pool is 0..49, widened to ceil(20 / prune_ratio) when that is larger
     pruner = _infobatch_with_losses(prune_ratio)
     assert pruner.pool_size == smallest_pool
@@ -321,8 +326,8 @@ def test_infobatch_pool_drop_count_and_unbiased_weights(prune_ratio, smallest_po
         assert (1 - 20 / pool_size) * float(weights[kept_pool[0]]) == pytest.approx(1.0)
 
 
-def test_infobatch_unseen_examples_never_in_pool_and_tail_is_uniform():
-    pruner = InfoBatchExamplePruner(100, inactive_fraction=0.2, seed=0, num_epochs=8)
+def test_infobatch_fixed_size_unseen_examples_never_in_pool_and_tail_is_uniform():
+    pruner = InfoBatchFixedSizeExamplePruner(100, inactive_fraction=0.2, seed=0, num_epochs=8)
     assert pruner.loss_weights(torch.arange(5)).tolist() == [1.0] * 5
     first = pruner.epoch_indices(0)
     assert pruner.summary()["mean_loss_weight"] == 1.0
@@ -338,8 +343,8 @@ def test_infobatch_unseen_examples_never_in_pool_and_tail_is_uniform():
     assert pruner.epoch_indices(7).numel() == 80
 
 
-def test_infobatch_falls_back_to_uniform_without_losses():
-    pruner = InfoBatchExamplePruner(100, inactive_fraction=0.2, seed=0, num_epochs=8)
+def test_infobatch_fixed_size_falls_back_to_uniform_without_losses():
+    pruner = InfoBatchFixedSizeExamplePruner(100, inactive_fraction=0.2, seed=0, num_epochs=8)
     assert pruner.epoch_indices(1).numel() == 80  # nothing recorded: no pool, uniform subset
     assert torch.equal(pruner.loss_weights(torch.arange(100)), torch.ones(100))
 
@@ -419,9 +424,13 @@ def test_load_state_dict_rejects_another_identity():
         ("forgetting", {"refresh_epochs": [0, 3]}, "refresh_epochs"),
         ("forgetting", {"refresh_epochs": "3"}, "refresh_epochs"),
         ("forgetting", {"refresh_period_fraction": 0.0}, "period_fraction"),
-        ("infobatch", {"prune_ratio": 0.0}, "prune_ratio"),
-        ("infobatch", {"prune_ratio": 1.5}, "prune_ratio"),
-        ("infobatch", {"tail_fraction": 1.0}, "tail_fraction"),
+        ("infobatch_fixed_size", {"prune_ratio": 0.0}, "prune_ratio"),
+        ("infobatch_fixed_size", {"prune_ratio": 1.5}, "prune_ratio"),
+        ("infobatch_fixed_size", {"tail_fraction": 1.0}, "tail_fraction"),
+        ("infobatch", {"prune_ratio": 1.0}, "prune_ratio"),
+        ("infobatch", {"delta": 1.5}, "delta"),
+        ("infobatch", {"inactive_fraction": 0.2}, "inactive_fraction"),
+        ("infobatch", {"tail_fraction": 0.1}, "tail_fraction"),
         ("random", {"swap_fraction": 0.1}, "swap_fraction"),
         ("dropout", {}, "example_pruning"),
     ],

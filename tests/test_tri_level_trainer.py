@@ -91,7 +91,7 @@ def test_schedule_shape():
     assert schedule.ratios(1.0, 0.7, 0.4) == pytest.approx((0.7, 0.4))
 
 
-@pytest.mark.parametrize("method", ["forgetting", "infobatch"])
+@pytest.mark.parametrize("method", ["forgetting", "infobatch_fixed_size"])
 def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, method):
     data = with_tiny_transform(tiny_image_dataset(64), train=False)
     common = dict(save_strategy="steps", save_steps=8, example_pruning=method)
@@ -239,10 +239,10 @@ class HostCopyRecorder:
         return recorded
 
 
-@pytest.mark.parametrize("method,accumulation", [("forgetting", 1), ("infobatch", 2)])
+@pytest.mark.parametrize("method,accumulation", [("forgetting", 1), ("infobatch_fixed_size", 2)])
 def test_no_host_copy_between_forward_and_backward(tmp_path, monkeypatch, method, accumulation):
     data = with_tiny_transform(tiny_image_dataset(32), train=False)
-    # infobatch: the second epoch trains with loss weights (the first is a uniform subset, and there is no tail)
+    # infobatch_fixed_size: the second epoch trains with loss weights (the first is a uniform subset; no tail)
     args = arguments(tmp_path, example_pruning=method, num_train_epochs=2, example_refresh_fraction=0.5,
                      infobatch_tail_fraction=0.0, gradient_accumulation_steps=accumulation, logging_steps=1)
     trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
@@ -256,7 +256,7 @@ def test_no_host_copy_between_forward_and_backward(tmp_path, monkeypatch, method
     assert pruner.num_pending == 0
     assert pruner.samples_recorded == trainer.samples_seen == 2 * 24
     assert int(pruner.presentations.sum()) == (24 if method == "forgetting" else 2 * 24)  # forgetting: reset at refresh
-    if method == "infobatch":
+    if method == "infobatch_fixed_size":
         assert pruner.summary()["mean_loss_weight"] > 1.0  # the kept low-loss examples were up-weighted
     else:
         assert pruner.num_refreshes == 1

@@ -4,6 +4,13 @@ What differs from the reference code, on purpose:
   * the active example set is global: per-sample statistics are gathered across ranks, so every rank holds the same
     set and draws the same order (seed + epoch); the savings are real optimizer steps not taken (every epoch has
     the planned, smaller size, so the learning-rate schedule and the progress bar count only what is trained);
+  * InfoBatch's epochs (`example_pruning="infobatch"`) vary in size with the losses: each epoch is planned when it
+    begins, once every loss of the one before is in, and the Trainer runs exactly its steps (`_run_epoch`); the
+    planned total (`state.max_steps`) is the steps run so far plus the epochs to come, each expected as large as the
+    current one (the full data for the last, unpruned epochs), exact from the last pruned epoch on; the learning
+    rate follows the run's progress in epochs, as upstream's schedule rebuilt every epoch does, so it reaches its
+    final value (0 for linear decay) at the last step; a resumed run finds its place from the steps of each epoch
+    (saved with the pruner's state);
   * statistics are computed vectorised on the device and reach the pruner without any host sync between forward and
     backward: the loss weights are indexed on the device, and the statistics are gathered across ranks after the
     backward has been queued and copied to the host without blocking (applied before the next epoch is planned and
@@ -15,10 +22,13 @@ What differs from the reference code, on purpose:
 from __future__ import annotations
 
 import inspect
+import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import ProgressCallback
 
 from ..flops import token_counts
 from ..logging_utils import get_logger
@@ -29,6 +39,7 @@ from .example_pruning import (
     ExamplePruner,
     ExamplePruningSampler,
     IndexedDataset,
+    InfoBatchExamplePruner,
     build_example_pruner,
 )
 from .schedule import KeepRatioScheduleCallback
@@ -37,6 +48,26 @@ logger = get_logger(__name__)
 
 RESUME_HINT = ("`method` is `example_pruning`; `num_examples` the training set's size; `epoch_size` follows from "
                "`example_inactive_fraction`; `seed` is `data_seed` (or `seed`).")
+
+
+def epoch_position(step: int, steps_per_epoch: list[int]) -> tuple[int, int]:
+    """(epoch, steps into it) of optimizer step ``step`` in a run whose epochs take ``steps_per_epoch`` steps; a step
+    past the epochs listed is at the start of the next one."""
+    start = 0
+    for epoch, steps in enumerate(steps_per_epoch):
+        if step < start + steps:
+            return epoch, step - start
+        start += steps
+    return len(steps_per_epoch), step - start
+
+
+def epoch_progress(step: int, steps_per_epoch: list[int], num_epochs: int) -> float:
+    """The share of the run done at optimizer step ``step``, in epochs: step i of epoch e (of U_e steps) is at
+    (e + i / U_e) / num_epochs, where upstream InfoBatch's per-epoch schedule puts it."""
+    epoch, into = epoch_position(step, steps_per_epoch)
+    if epoch < len(steps_per_epoch):
+        return (epoch + into / steps_per_epoch[epoch]) / num_epochs
+    return min(epoch, num_epochs) / num_epochs
 
 
 class TriLevelTrainer(SparseTrainer):
@@ -85,6 +116,7 @@ class TriLevelTrainer(SparseTrainer):
         # This step's per-example statistics, on the device: recorded after the backward (see training_step)
         self._unrecorded_statistics: list[tuple[torch.Tensor, bool]] = []
         self._resume_pruning_from: str | None = None
+        self._full_epoch_steps = 0  # optimizer steps of an epoch of every example (set when training starts)
         self._samples_seen = 0
         self._samples_since_log = 0
         self._last_log_time: float | None = None
@@ -118,22 +150,20 @@ class TriLevelTrainer(SparseTrainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         args = self.args
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = {"inactive_fraction": args.example_inactive_fraction}
         if args.example_pruning == "forgetting":
-            fields = {
-                "refresh_period_fraction": args.example_refresh_fraction,
-                "refresh_last_fraction": args.example_last_refresh_fraction,
-                "swap_fraction": args.example_swap_fraction,
-                "tie_break": args.example_tie_break,
-            }
-        elif args.example_pruning == "infobatch":
-            fields = {"prune_ratio": args.infobatch_prune_ratio, "tail_fraction": args.infobatch_tail_fraction}
+            fields.update(refresh_period_fraction=args.example_refresh_fraction,
+                          refresh_last_fraction=args.example_last_refresh_fraction,
+                          swap_fraction=args.example_swap_fraction, tie_break=args.example_tie_break)
+        elif args.example_pruning == "infobatch":  # no inactive fraction: the losses set each epoch's size
+            fields = {"prune_ratio": args.infobatch_prune_ratio, "delta": args.infobatch_delta}
+        elif args.example_pruning == "infobatch_fixed_size":
+            fields.update(prune_ratio=args.infobatch_prune_ratio, tail_fraction=args.infobatch_tail_fraction)
         self.example_pruner = build_example_pruner(
             args.example_pruning,
             len(dataset),
             num_epochs=None,  # planned in `set_initial_training_values`, from the Trainer's own count
             seed=args.data_seed if args.data_seed is not None else args.seed,
-            inactive_fraction=args.example_inactive_fraction,
             **fields,
         )
         return ExamplePruningSampler(self.example_pruner)
@@ -147,6 +177,8 @@ class TriLevelTrainer(SparseTrainer):
     def set_initial_training_values(self, *args, **kwargs):
         values = super().set_initial_training_values(*args, **kwargs)
         self.example_pruner.plan_run(values[0])  # num_train_epochs, the Trainer's own count (transformers 5.x)
+        # Before any state is loaded the pruner plans a full first epoch: the Trainer counted a full epoch's steps
+        self._full_epoch_steps = values[1]
         if self._resume_pruning_from is not None:
             try:
                 self.example_pruner.load(self._resume_pruning_from)
@@ -160,6 +192,82 @@ class TriLevelTrainer(SparseTrainer):
 
     def _prepare_training(self, resume_from_checkpoint: str | None) -> None:
         self._resume_pruning_from = resume_from_checkpoint
+
+    # --- epochs whose size varies (InfoBatch): the Trainer runs each epoch's own steps --------------------------
+    # `_init_training_state` and `_run_epoch` are the Trainer's (transformers 5.23 to 5.25 at least); both assume one
+    # number of steps per epoch, which only these overrides replace.
+
+    @property
+    def _varying_epochs(self) -> InfoBatchExamplePruner | None:
+        pruner = self.example_pruner
+        return pruner if pruner is not None and not pruner.fixed_epoch_size else None
+
+    def _init_training_state(self, *args, **kwargs) -> tuple[int, int]:
+        epochs_trained, batches_trained = super()._init_training_state(*args, **kwargs)
+        pruner = self._varying_epochs
+        if pruner is not None and self.state.global_step > 0:  # resumed: find the place in epochs of their own sizes
+            epochs_trained, steps_trained = epoch_position(self.state.global_step, pruner.optimizer_steps_per_epoch)
+            batches_trained = 0 if self.args.ignore_data_skip else steps_trained * self.args.gradient_accumulation_steps
+        return epochs_trained, batches_trained
+
+    def _run_epoch(self, **kwargs) -> None:
+        if self._varying_epochs is not None:
+            kwargs.update(self._plan_varying_epoch(kwargs["epoch"], kwargs["train_dataloader"]))
+        return super()._run_epoch(**kwargs)
+
+    def _plan_varying_epoch(self, epoch: int, dataloader) -> dict[str, int]:
+        """Plan ``epoch`` now (every loss of the epoch before is in: planning flushes the pruner's queue), count its
+        batches and steps, and bring the run's planned total up to date."""
+        pruner = self._varying_epochs
+        pruner.epoch_indices(epoch)
+        batches = len(dataloader)  # this epoch's, per process (accelerate shards the planned order)
+        steps = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+        pruner.note_optimizer_steps(epoch, steps)
+        self.state.max_steps = self.planned_total_steps()
+        for callback in self.callback_handler.callbacks:  # the progress bar was sized at the start of training
+            bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+            if bar is not None:
+                bar.total = self.state.max_steps
+                bar.refresh()
+        return {"steps_in_epoch": batches, "num_update_steps_per_epoch": steps}
+
+    def planned_total_steps(self) -> int:
+        """Optimizer steps of the run as planned now: the epochs planned so far at their own steps, each epoch to come
+        as large as the current one while it prunes, and as a full epoch once it trains everything. Exact from the
+        last pruning epoch on; before the first epoch, a full epoch's steps times the number of epochs."""
+        pruner = self._varying_epochs
+        noted = pruner.optimizer_steps_per_epoch
+        if not noted:
+            return self._full_epoch_steps * pruner.num_epochs
+        current = noted[-1]
+        to_come = range(len(noted), pruner.num_epochs)
+        return sum(noted) + sum(current if pruner.prunes(epoch) else self._full_epoch_steps for epoch in to_come)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if created and self._varying_epochs is not None:
+            self._follow_epoch_progress(scheduler, num_training_steps)
+        return scheduler
+
+    def _follow_epoch_progress(self, scheduler, horizon: int) -> None:
+        """Make a step-based schedule (of ``horizon`` steps, a full-data run's) follow the run's progress in epochs:
+        at optimizer step s its factor is the one of step ``horizon * progress(s)`` (see `epoch_progress`)."""
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            logger.warning("TriLevelTrainer: %s is not step-based through LambdaLR; with InfoBatch's varying epochs "
+                           "it counts optimizer steps, not the run's progress.", type(scheduler).__name__)
+            return
+        pruner = self._varying_epochs
+
+        def at_progress(factor: Callable[[float], float]) -> Callable[[int], float]:
+            # A plain function: LambdaLR's state_dict skips functions, so nothing of the trainer is saved with it.
+            def follow(step: int) -> float:
+                progress = epoch_progress(step, pruner.optimizer_steps_per_epoch, pruner.num_epochs)
+                return factor(horizon * progress)
+
+            return follow
+
+        scheduler.lr_lambdas = [at_progress(factor) for factor in scheduler.lr_lambdas]
 
     # --- training step: loss and statistics -------------------------------------------------------------------
 
@@ -257,8 +365,11 @@ class TriLevelTrainer(SparseTrainer):
         only when the model prunes tokens or attention (its final ratios are rows of the card already)."""
         args, config = self.args, self.unwrapped_model.config
         settings: dict[str, Any] = {"example pruning": args.example_pruning}
-        if args.example_pruning != "none":
+        if args.example_pruning not in ("none", "infobatch"):
             settings["example inactive fraction"] = args.example_inactive_fraction
+        if args.example_pruning == "infobatch":
+            settings["InfoBatch prune ratio"] = args.infobatch_prune_ratio
+            settings["InfoBatch delta (share of the epochs that prune)"] = args.infobatch_delta
         ratios = (getattr(config, "token_keep_ratio", 1.0), getattr(config, "attention_keep_ratio", 1.0))
         if min(ratios) < 1.0:
             settings["token/attention schedule"] = (

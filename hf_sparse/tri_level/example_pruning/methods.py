@@ -2,7 +2,11 @@
 
 - ``forgetting``: Tri-Level E-ViT level 1. A random ``inactive_fraction`` starts inactive; at each refresh epoch the
   least-forgotten active examples swap with random inactive ones.
-- ``infobatch``: InfoBatch-style unbiased soft pruning of low-loss examples, with loss rescaling.
+- ``infobatch``: InfoBatch (Qin et al., ICLR 2024) as its paper and code define it: each epoch leaves out a share of
+  the examples whose loss is below the mean and up-weights the rest of them; epochs vary in size, the first and the
+  last ones train everything.
+- ``infobatch_fixed_size``: our variant of it at a constant epoch size (uniform subsets in its first epoch and its
+  tail). Before format 2 of the saved state it was called ``infobatch``.
 - ``random``: a fresh uniform random subset each epoch (the control for the two above).
 - ``none``: every example every epoch.
 """
@@ -180,7 +184,97 @@ class ForgettingExamplePruner(ExamplePruner):
 
 
 class InfoBatchExamplePruner(ExamplePruner):
-    """InfoBatch-like unbiased soft pruning, at a planned (constant) epoch size.
+    """InfoBatch (Qin et al., ICLR 2024): unbiased dynamic pruning of well-learned examples, as its code does it.
+
+    An example's score is its last loss (upstream's ``scores``; an example never trained has none). Before each epoch
+    of the first ``floor(delta * num_epochs)`` (upstream: while its epoch counter, one ahead of the 0-based epoch,
+    is at most ``delta * num_epochs``), the well-learned pool is the examples whose score is below the mean of the
+    known scores. ``floor((1 - prune_ratio) * |pool|)`` of the pool, drawn uniformly (seeded by seed and epoch, the
+    same on every rank), are kept and weigh ``1 / (1 - prune_ratio)`` in the loss, so the expected gradient is the
+    full data's; the rest of the pool is left out of the epoch; every other example is trained with weight 1. The
+    epoch is the examples left, shuffled: its size follows from the losses.
+
+    The first epoch has no scores (all equal, as upstream's start), so nothing is below the mean: it trains every
+    example. The last ``num_epochs - floor(delta * num_epochs)`` epochs train every example with weight 1 (upstream's
+    annealing). Examples without a known loss (never trained, or a NaN loss) are never in the pool.
+
+    Choices (upstream leaves them to its globals): the order is drawn from seeded generators, never from numpy's
+    global state; the mean is over the known scores (upstream starts every score at 3, which only matters for an
+    example never trained after the first epoch); ``prune_ratio`` must lie in (0, 1) where upstream clamps the kept
+    share to at least 0.1.
+
+    Epoch sizes vary (``fixed_epoch_size`` False): `TriLevelTrainer` plans each epoch before the Trainer counts its
+    steps, and keeps the learning-rate schedule on the run's progress in epochs, as upstream's per-epoch rebuilt
+    schedule does.
+    """
+
+    method = "infobatch"
+    default_inactive_fraction = 0.0
+    fixed_epoch_size = False
+
+    def __init__(
+        self,
+        num_examples: int,
+        seed: int = 0,
+        *,
+        num_epochs: int | None = None,
+        prune_ratio: float = 0.5,
+        delta: float = 0.875,
+    ) -> None:
+        super().__init__(num_examples, 0.0, seed)
+        self.prune_ratio = check_fraction("prune_ratio", prune_ratio, low_inclusive=False, high_inclusive=False)
+        self.delta = check_fraction("delta", delta, low_inclusive=True, high_inclusive=True)
+        if num_epochs is not None:
+            self.plan_run(num_epochs)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "num_examples": self.num_examples,
+            "seed": self.seed,
+            "num_epochs": self.num_epochs,
+            "prune_ratio": self.prune_ratio,
+            "delta": self.delta,
+        }
+
+    @property
+    def num_pruning_epochs(self) -> int:
+        """The epochs that may prune: the first ``floor(delta * num_epochs)``; the rest train every example."""
+        if self.num_epochs is None:
+            raise RuntimeError("The InfoBatch epochs are not planned yet: call plan_run(num_epochs) first.")
+        return math.floor(self.delta * self.num_epochs + 1e-9)  # tolerate float noise such as 0.875 * 8
+
+    def prunes(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) leaves out well-learned examples (the first epoch has no scores to do it)."""
+        return epoch < self.num_pruning_epochs
+
+    def well_learned(self) -> torch.Tensor:
+        """The pool: examples whose last loss is below the mean of the known losses, ascending by index."""
+        self.flush()
+        known = torch.isfinite(self.last_loss)
+        if not bool(known.any()):
+            return torch.empty(0, dtype=torch.long)
+        mean = self.last_loss[known].double().mean()
+        return torch.nonzero(known & (self.last_loss.double() < mean)).squeeze(1)
+
+    def _plan_epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        everyone = torch.arange(self.num_examples)
+        pool = self.well_learned() if self.prunes(epoch) else everyone[:0]
+        if pool.numel() == 0:
+            return self._shuffled(everyone, epoch), None
+        keep_share = 1.0 - self.prune_ratio
+        kept_count = math.floor(keep_share * pool.numel() + 1e-9)  # upstream's int(keep_ratio * |pool|)
+        drawn = pool[torch.randperm(pool.numel(), generator=self._generator(STREAM_SUBSET, epoch))]
+        kept, dropped = drawn[:kept_count], drawn[kept_count:]
+        trained = torch.ones(self.num_examples, dtype=torch.bool)
+        trained[dropped] = False
+        weights = torch.ones(self.num_examples, dtype=torch.float32)
+        weights[kept] = 1.0 / keep_share
+        return self._shuffled(torch.nonzero(trained).squeeze(1), epoch), weights
+
+
+class InfoBatchFixedSizeExamplePruner(ExamplePruner):
+    """Our InfoBatch variant at a planned (constant) epoch size (``infobatch_fixed_size``; ``infobatch`` before
+    format 2 of the saved state): tables call it "InfoBatch, fixed epoch size".
 
     Epoch 0 trains a uniform random subset of ``epoch_size``. Afterwards, with ``k = num_examples -
     epoch_size``, the pool is InfoBatch's: the examples whose last loss is below the mean of the known
@@ -192,7 +286,7 @@ class InfoBatchExamplePruner(ExamplePruner):
     (``epoch >= (1 - tail_fraction) * num_epochs``, InfoBatch's condition) each epoch is a uniform
     random subset with all weights 1.
 
-    Deviations from InfoBatch (so tables call it "InfoBatch-like"): (1) InfoBatch drops each
+    Deviations from InfoBatch (``infobatch``, so tables name this one apart): (1) InfoBatch drops each
     below-mean example with probability ``prune_ratio``, so its epochs vary in size; here exactly
     ``k`` are dropped, which keeps the Trainer's planned steps per epoch (and the learning-rate
     schedule right). (2) Its first epoch and its tail train the full data; here they train uniform
@@ -200,7 +294,7 @@ class InfoBatchExamplePruner(ExamplePruner):
     yet), the epoch falls back to a uniform random subset.
     """
 
-    method = "infobatch"
+    method = "infobatch_fixed_size"
 
     def __init__(
         self,
@@ -297,6 +391,7 @@ class NoExamplePruner(ExamplePruner):
 EXAMPLE_PRUNERS: dict[str, type[ExamplePruner]] = {
     "forgetting": ForgettingExamplePruner,
     "infobatch": InfoBatchExamplePruner,
+    "infobatch_fixed_size": InfoBatchFixedSizeExamplePruner,
     "random": RandomExamplePruner,
     "none": NoExamplePruner,
 }
@@ -311,7 +406,8 @@ _METHOD_FIELDS: dict[str, tuple[str, ...]] = {
         "swap_fraction",
         "tie_break",
     ),
-    "infobatch": ("inactive_fraction", "prune_ratio", "tail_fraction"),
+    "infobatch": ("prune_ratio", "delta"),
+    "infobatch_fixed_size": ("inactive_fraction", "prune_ratio", "tail_fraction"),
     "random": ("inactive_fraction",),
     "none": ("inactive_fraction",),
 }
@@ -324,7 +420,8 @@ def build_example_pruner(
 
     ``num_epochs`` sets what depends on the run's length: ``forgetting`` refreshes at :func:`plan_refresh_epochs`
     ``(num_epochs, refresh_period_fraction=0.1, refresh_last_fraction=0.5)`` unless ``refresh_epochs`` is given;
-    ``infobatch`` uses it for its tail. ``None``: the caller plans it later with ``plan_run(num_epochs)`` (the
+    ``infobatch`` and ``infobatch_fixed_size`` use it for their last, unpruned epochs. ``None``: the caller plans it
+    later with ``plan_run(num_epochs)`` (the
     trainer does, once the Trainer has counted its epochs). Unknown methods or fields raise ``ValueError``.
     """
     check_choice("example_pruning", method, sorted(EXAMPLE_PRUNERS))

@@ -4,8 +4,11 @@ Plain Python/torch, no Trainer dependency. A pruner owns per-example statistics 
 ``num_examples``), plans each epoch's example order and gives per-sample loss weights; the methods are in
 ``methods.py``.
 
-Design constraint from the HF Trainer: it fixes the steps per epoch from the first epoch's dataloader length, so
-every method yields exactly ``epoch_size`` indices in every epoch.
+Epoch sizes: the HF Trainer fixes the steps per epoch from the first epoch's dataloader length, so the fixed-size
+methods (``fixed_epoch_size = True``: all but InfoBatch) yield exactly ``epoch_size`` indices in every epoch.
+InfoBatch's epochs have the size its losses leave: `TriLevelTrainer` plans each such epoch before the Trainer counts
+its steps, and notes them (:meth:`ExamplePruner.note_optimizer_steps`) so that the run's plan and its learning-rate
+progress survive a resume. :attr:`ExamplePruner.epoch_sizes` keeps the size of every planned epoch.
 
 Distributed training: every process holds a full pruner; epoch orders depend only on (seed, epoch, state), and the
 trainer must call :meth:`ExamplePruner.record` (or :meth:`ExamplePruner.record_async`) on every rank with the
@@ -39,7 +42,8 @@ from ...validation import check_fraction, check_int
 logger = get_logger(__name__)
 
 StateValue = torch.Tensor | int | float | str
-FORMAT_VERSION = 1
+# 2: "infobatch" is InfoBatch itself; states of version 1 saved as "infobatch" are the fixed-size mode (see _migrate).
+FORMAT_VERSION = 2
 # Stream identifiers for the per-purpose random generators (see ExamplePruner._generator).
 STREAM_INIT, STREAM_ORDER, STREAM_SUBSET, STREAM_REFRESH = 0, 1, 2, 3
 # Columns of a batch's statistics packed for one device-to-host copy (float64 holds every index below 2**53 exactly).
@@ -74,6 +78,8 @@ class ExamplePruner:
 
     method: ClassVar[str] = ""
     default_inactive_fraction: ClassVar[float] = 0.2
+    # False: the epochs' sizes follow from the statistics (InfoBatch); `epoch_size` is then the current epoch's.
+    fixed_epoch_size: ClassVar[bool] = True
 
     def __init__(self, num_examples: int, inactive_fraction: float | None = None, seed: int = 0) -> None:
         self.num_examples = check_int("num_examples", num_examples, minimum=1)
@@ -100,14 +106,41 @@ class ExamplePruner:
         # (`_weights`, its copy on the training device), so a step indexes the table where the batch is
         self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pending: list[_PendingRecord] = []  # records not applied yet, oldest first (see record_async)
+        self._epoch_sizes: list[int] = []  # examples of each planned epoch, by epoch (-1: skipped, never planned)
+        self._optimizer_steps: list[int] = []  # the trainer's optimizer steps of each epoch (see note_optimizer_steps)
         self.num_epochs: int | None = None  # the run's length, once planned (see plan_run)
         self.samples_recorded = 0  # presentations recorded over the run (all ranks)
 
     # ---- planning -------------------------------------------------------------------------------
     @property
     def epoch_size(self) -> int:
-        """Examples per epoch: ``num_examples - round(inactive_fraction * num_examples)``, constant."""
-        return self._epoch_size
+        """Examples per epoch: ``num_examples - round(inactive_fraction * num_examples)``, constant for the fixed-size
+        methods. Where epochs vary (``fixed_epoch_size`` False), the size of the epoch planned last (before the first,
+        of the first: every example)."""
+        if self.fixed_epoch_size or self._epoch < 0:
+            return self._epoch_size
+        return self._order.numel()
+
+    @property
+    def epoch_sizes(self) -> list[int]:
+        """The size of every epoch planned so far, by epoch (-1 for an epoch skipped without being planned)."""
+        return list(self._epoch_sizes)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> list[int]:
+        """The optimizer steps of each epoch as noted by the trainer (:meth:`note_optimizer_steps`), by epoch."""
+        return list(self._optimizer_steps)
+
+    def note_optimizer_steps(self, epoch: int, steps: int) -> None:
+        """Note how many optimizer steps the trainer makes of ``epoch`` (saved with the state: a resumed run finds its
+        place, and its learning-rate progress, in epochs whose sizes vary)."""
+        epoch = check_int("epoch", epoch, minimum=0)
+        steps = check_int("steps", steps, minimum=0)
+        if epoch > len(self._optimizer_steps):
+            raise ValueError(f"note_optimizer_steps: epoch {epoch} follows unnoted epochs (noted: "
+                             f"{len(self._optimizer_steps)}); note every epoch in order.")
+        del self._optimizer_steps[epoch:]
+        self._optimizer_steps.append(steps)
 
     @property
     def num_inactive(self) -> int:
@@ -140,7 +173,7 @@ class ExamplePruner:
         """State changes when ``epoch`` begins (called once per epoch, in order, also for skipped ones)."""
 
     def _plan_epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The epoch's order (``epoch_size`` indices) and optional per-example loss weights."""
+        """The epoch's order (``epoch_size`` indices where the size is fixed) and optional per-example loss weights."""
         raise NotImplementedError
 
     def epoch_indices(self, epoch: int) -> torch.LongTensor:
@@ -160,9 +193,11 @@ class ExamplePruner:
             for passed in range(self._epoch + 1, epoch + 1):
                 self._on_epoch_start(passed)
             order, weights = self._plan_epoch(epoch)
-            if order.numel() != self._epoch_size:  # an internal invariant the Trainer relies on
+            if self.fixed_epoch_size and order.numel() != self._epoch_size:  # an invariant the Trainer relies on
                 raise RuntimeError(f"{self.method} planned {order.numel()} examples, expected {self._epoch_size}.")
             self._order, self._weights, self._epoch = order.to(torch.long), weights, epoch
+            self._epoch_sizes.extend([-1] * (epoch - len(self._epoch_sizes)))
+            self._epoch_sizes[epoch:] = [order.numel()]
         return self._order.clone()
 
     def active_mask(self) -> torch.BoolTensor:
@@ -333,9 +368,12 @@ class ExamplePruner:
         ever_seen = self.last_correct >= 0
         finite_loss = torch.isfinite(self.last_loss)
         num_seen = int(seen.sum())
+        planned = [size for size in self._epoch_sizes if size >= 0]
         return {
             "epoch": float(self._epoch),
-            "active_fraction": self._epoch_size / self.num_examples,
+            "active_fraction": self.epoch_size / self.num_examples,
+            # upstream InfoBatch's "saved sample forwarding": examples left out of the epochs planned so far
+            "examples_pruned": float(sum(self.num_examples - size for size in planned)),
             "seen_fraction": num_seen / self.num_examples,
             "mean_forgetting": float(self.forgetting_count[seen].float().mean()) if num_seen else 0.0,
             "forgotten_fraction": float((self.forgetting_count > 0).float().mean()),
@@ -371,6 +409,8 @@ class ExamplePruner:
             "cls_attention_variance": self.cls_attention_variance.clone(),
             "last_loss": self.last_loss.clone(),
             "epoch_order": self._order.clone(),
+            "epoch_sizes": torch.tensor(self._epoch_sizes, dtype=torch.int64),
+            "optimizer_steps_per_epoch": torch.tensor(self._optimizer_steps, dtype=torch.int64),
         }
         if self._weights is not None:
             state["epoch_weights"] = self._weights.clone()
@@ -389,6 +429,7 @@ class ExamplePruner:
     def load_state_dict(self, state_dict: Mapping[str, StateValue]) -> None:
         """Restore a :meth:`state_dict`; the identity (method, size, epoch size, seed) must match.
         Records still queued by :meth:`record_async` are dropped: the restored state replaces them."""
+        state_dict = _migrate(state_dict)
         for key in self._IDENTITY_KEYS:
             expected = getattr(self, "_epoch_size" if key == "epoch_size" else key)
             if key not in state_dict:
@@ -404,12 +445,27 @@ class ExamplePruner:
             setattr(self, key, value.to(dtype).clone())
         epoch = int(state_dict["epoch"])
         order = torch.as_tensor(state_dict["epoch_order"]).to(torch.long).clone()
-        if order.numel() != (self._epoch_size if epoch >= 0 else 0):
+        if epoch < 0:
+            sizes_allowed = order.numel() == 0
+        elif self.fixed_epoch_size:
+            sizes_allowed = order.numel() == self._epoch_size
+        else:
+            sizes_allowed = 0 < order.numel() <= self.num_examples
+        if not sizes_allowed:
             raise ValueError(f"state_dict['epoch_order'] has {order.numel()} entries for epoch {epoch}.")
+        # absent from states of format 1: the sizes of the epochs before the current one are unknown there
+        epoch_sizes = state_dict.get("epoch_sizes")
+        if epoch_sizes is None:
+            epoch_sizes = [-1] * epoch + [order.numel()] if epoch >= 0 else []
+        else:
+            epoch_sizes = torch.as_tensor(epoch_sizes).tolist()
+        optimizer_steps = torch.as_tensor(state_dict.get("optimizer_steps_per_epoch", [])).tolist()
         weights = state_dict.get("epoch_weights")
         self.samples_recorded = int(state_dict.get("samples_recorded", 0))
         self._pending.clear()
         self._epoch, self._order = epoch, order
+        self._epoch_sizes = [int(size) for size in epoch_sizes]
+        self._optimizer_steps = [int(steps) for steps in optimizer_steps]
         self._weights = None if weights is None else torch.as_tensor(weights).to(torch.float32).clone()
 
     def save(self, directory: str | os.PathLike, prefix: str = "example_pruning") -> tuple[Path, Path]:
@@ -449,5 +505,13 @@ def read_saved(directory: str | os.PathLike, prefix: str) -> dict[str, Any]:
         raise FileNotFoundError(f"Example pruning state not found: missing {missing}.")
     with open(json_path, encoding="utf-8") as handle:
         saved = json.load(handle)
-    saved["state"] = {**saved["state"], **load_file(str(tensor_path))}
+    saved["state"] = _migrate({**saved["state"], **load_file(str(tensor_path))})
+    saved["method"] = saved["state"]["method"]
     return saved
+
+
+def _migrate(state: Mapping[str, StateValue]) -> Mapping[str, StateValue]:
+    """States of format 1 named the fixed-size InfoBatch mode "infobatch": they load as "infobatch_fixed_size"."""
+    if int(state.get("format_version", 1)) < 2 and state.get("method") == "infobatch":
+        return {**state, "method": "infobatch_fixed_size"}
+    return state

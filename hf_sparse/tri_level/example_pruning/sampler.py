@@ -15,10 +15,15 @@ EXAMPLE_INDEX = "example_index"
 class ExamplePruningSampler(Sampler[int]):
     """A ``torch`` sampler that yields ``pruner.epoch_indices(epoch)``.
 
-    ``len()`` is the constant ``epoch_size``. Every process iterates the same order, so accelerate's
-    batch sharding splits it without overlap. The epoch comes from :meth:`set_epoch` (the Trainer and
-    accelerate call it); a completed pass also advances it, like accelerate's ``SeedableRandomSampler``,
-    so a loop that never calls ``set_epoch`` still gets a new epoch each pass.
+    ``len()`` is ``pruner.epoch_size``: constant for the fixed-size methods; for InfoBatch, whose epochs vary, the size
+    of the epoch planned last, so a loop that needs an epoch's length first plans it (``pruner.epoch_indices(epoch)``,
+    once the previous epoch's statistics are all recorded), as `TriLevelTrainer` does. Planning never happens in
+    ``len()``: a data loader's prefetching would plan an epoch before the last batches of the one before were
+    trained.
+
+    Every process iterates the same order, so accelerate's batch sharding splits it without overlap. The epoch comes
+    from :meth:`set_epoch` (the Trainer and accelerate call it); a completed pass also advances it, like accelerate's
+    ``SeedableRandomSampler``, so a loop that never calls ``set_epoch`` still gets a new epoch each pass.
     """
 
     def __init__(self, pruner: ExamplePruner, epoch: int = 0) -> None:
