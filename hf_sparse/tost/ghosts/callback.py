@@ -217,7 +217,8 @@ class GhostCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in branches.branches.state_dict().items()}
+            tensors = {name: tensor.detach().cpu().contiguous()
+                       for name, tensor in branches.branches.state_dict().items()}
             save_file(tensors, os.path.join(folder, GHOST_BRANCHES_FILENAME))
 
     def on_train_end(self, args, state, control, lr_scheduler=None, **kwargs):

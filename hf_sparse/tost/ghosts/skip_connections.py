@@ -136,7 +136,8 @@ With the branch's own BatchNorm (eps 1e-5) this starts the branch at about a ten
 
 
 class GhostBranch(nn.Module):
-    """The dense branch around one k x k convolution: 1x1 convolution (same stride, no bias, weights 1e-4) + BatchNorm."""
+    """The dense branch around one k x k convolution: a 1x1 convolution (its stride, no bias, weights 1e-4), then a
+    BatchNorm."""
 
     def __init__(self, convolution: nn.Conv2d, init_value: float = GHOST_BRANCH_INIT) -> None:
         super().__init__()
@@ -203,8 +204,8 @@ class ConvGhostBranches(nn.Module):
             padding = convolution.padding
             if padding == "valid" or (padding != "same" and any(
                     pad != size // 2 for pad, size in zip(padding, convolution.kernel_size))):
-                raise ValueError(f"`{name}` is not padded to keep its size (padding {padding!r}): a 1x1 branch with its "
-                                 "stride would not match its output.")
+                raise ValueError(f"`{name}` is not padded to keep its size (padding {padding!r}): a 1x1 branch "
+                                 "with its stride would not match its output.")
             key = _branch_key(name)
             self.branches[key] = GhostBranch(convolution, init_value)
             join = _join_module(model, name, convolution)
