@@ -18,7 +18,9 @@ goes through at most `ratio_levels` (token, attention) pairs, so a compiled mode
 training graphs, plus the evaluation graph (final ratios, eval mode) and any graph that a change of batch size or
 inputs asks for. When `torch_compile` is on, `KeepRatioScheduleCallback` raises dynamo's recompile limit to
 `ratio_levels` + 8 (torch's default budget kept for everything that is not the schedule) so that none of them falls
-back to eager. `ratio_levels=None` gives the continuous cosine (a new ratio every step: do not compile with it).
+back to eager, and puts the previous limit back when training ends (the setting is global to the process; graphs
+already compiled keep running under a lower limit, only new ones count against it). `ratio_levels=None` gives the
+continuous cosine (a new ratio every step: do not compile with it).
 """
 
 from __future__ import annotations
@@ -96,13 +98,18 @@ def _interpolate(final_ratio: float, weight: float) -> float:
     return final_ratio * (1.0 - weight) + weight
 
 
+def _recompile_limit_name() -> str:
+    import torch._dynamo
+
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def fit_recompile_limit(num_graphs: int) -> int:
     """Raise `torch._dynamo.config.recompile_limit` (`cache_size_limit` before torch 2.7) to at least `num_graphs`
     (never lower it); returns the limit in force."""
     import torch._dynamo
 
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    config, name = torch._dynamo.config, _recompile_limit_name()
     if getattr(config, name) < num_graphs:
         logger.info("KeepRatioScheduleCallback: torch._dynamo.config.%s raised from %d to %d for the keep-ratio grid.",
                     name, getattr(config, name), num_graphs)
@@ -112,10 +119,13 @@ def fit_recompile_limit(num_graphs: int) -> int:
 
 class KeepRatioScheduleCallback(TrainerCallback):
     """Sets the model's keep ratios from the schedule at every optimizer step (`model.set_sparsity`), and back to
-    the model's own when training ends. With `torch_compile`, fits dynamo's recompile limit to the schedule's grid."""
+    the model's own when training ends. With `torch_compile`, fits dynamo's recompile limit to the schedule's grid
+    for the run and restores the previous limit when training ends."""
 
     def __init__(self, schedule: KeepRatioSchedule) -> None:
         self.schedule = schedule
+        # (limit before the raise, limit set): restored at train end unless someone changed it in between
+        self._raised_recompile_limit: tuple[int, int] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not getattr(args, "torch_compile", False):
@@ -124,7 +134,12 @@ class KeepRatioScheduleCallback(TrainerCallback):
             logger.warning("KeepRatioScheduleCallback: a continuous keep-ratio schedule under torch.compile recompiles "
                            "the model at every step; use a grid (`ratio_levels`).")
             return
-        fit_recompile_limit(self.schedule.ratio_levels + OTHER_COMPILED_GRAPHS)
+        import torch._dynamo
+
+        previous = getattr(torch._dynamo.config, _recompile_limit_name())
+        fitted = fit_recompile_limit(self.schedule.ratio_levels + OTHER_COMPILED_GRAPHS)
+        if fitted != previous and self._raised_recompile_limit is None:
+            self._raised_recompile_limit = (previous, fitted)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         progress = state.global_step / max(1, state.max_steps)
@@ -133,3 +148,17 @@ class KeepRatioScheduleCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         model.reset_sparsity()
+        self._restore_recompile_limit()
+
+    def _restore_recompile_limit(self) -> None:
+        # The limit is global to the process: leave it as the run found it. A value changed during the run by someone
+        # else is theirs and stays.
+        if self._raised_recompile_limit is None:
+            return
+        import torch._dynamo
+
+        previous, fitted = self._raised_recompile_limit
+        self._raised_recompile_limit = None
+        name = _recompile_limit_name()
+        if getattr(torch._dynamo.config, name) == fitted:
+            setattr(torch._dynamo.config, name, previous)
