@@ -129,7 +129,7 @@ def test_demo_help_shows_defaults_and_choices(capsys):
     with pytest.raises(SystemExit):
         cli_main(["demo", "--help"])
     text = capsys.readouterr().out
-    assert "(default: 2.0)" in text and "{forgetting,infobatch,random,none}" in text
+    assert "(default: 2.0)" in text and "{forgetting,infobatch,infobatch_fixed_size,random,none}" in text
 
 
 # --- 6: argument problems found early --------------------------------------------------------------------------------

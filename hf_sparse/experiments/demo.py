@@ -32,7 +32,7 @@ class DemoArguments:
     evaluations: int = field(default=3, metadata={"help": "Test-set evaluations per run (for the curve), >= 1."})
     # The defaults are the setting that won `hf-sparse bench e2e` over 3 seeds (README): token pruning alone.
     example_pruning: str = field(
-        default="none", metadata={"help": "Tri-Level level 1.", "choices": ["forgetting", "infobatch", "random", "none"]}
+        default="none", metadata={"help": "Tri-Level level 1.", "choices": ["forgetting", "infobatch", "infobatch_fixed_size", "random", "none"]}
     )
     example_inactive_fraction: float | None = field(default=None, metadata={"help": "None: the method's default."})
     token_keep_ratio: float = field(default=0.5, metadata={"help": "Tri-Level level 2 (final ratio)."})

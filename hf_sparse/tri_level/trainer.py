@@ -354,7 +354,8 @@ class TriLevelTrainer(SparseTrainer):
                 unwrapped = self.unwrapped_model
                 sparsity = unwrapped.get_sparsity()
                 logs.update({k: round(v, 4) for k, v in sparsity.items()})
-                counts = token_counts(unwrapped.config, sparsity["token_keep_ratio"])
+                counts = token_counts(unwrapped.config, sparsity["token_keep_ratio"],
+                                      getattr(unwrapped.config, "patch_dropout_keep_ratio", 1.0))
                 logs["tokens_per_image"] = round(sum(attn for attn, _ in counts) / len(counts), 2)
         super().log(logs, *args, **kwargs)
 
