@@ -145,9 +145,10 @@ def sparsity_settings(model, report: TrainingReport | None) -> list[tuple[str, s
     config = model.config
     rows = []
     if _is_sparse_vit(model):
-        rows = [
-            ("token keep ratio", f"{config.token_keep_ratio:g}"),
-            ("token pruning layers", ", ".join(str(i) for i in config.token_pruning_layers) or "none"),
+        rows = [("token keep ratio", f"{config.token_keep_ratio:g}")]
+        if config.token_keep_ratio < 1:  # the layers are the config's default even where no token is pruned
+            rows.append(("token pruning layers", ", ".join(str(i) for i in config.token_pruning_layers) or "none"))
+        rows += [
             ("token fusion", "on" if config.token_fusion else "off"),
             ("attention keep ratio", f"{config.attention_keep_ratio:g}"),
         ]
@@ -254,7 +255,9 @@ def write_model_card(model, directory: str | os.PathLike, report: TrainingReport
 def save_for_hub(model, directory: str | os.PathLike, *, report: TrainingReport | None = None, image_processor=None,
                  repo_id: str | None = None, **save_kwargs) -> None:
     """A self-contained, Hub-ready folder: `model.save_pretrained` (weights, config, SparseViT's code), the image
-    processor config, the training report and the card. A card that fails is logged; the weights stay saved."""
+    processor config, the training report and the card. A wrong argument type is a `TypeError` before anything is
+    written; a card that fails otherwise (I/O) is logged, and the weights stay saved."""
+    _check_push_arguments(model, repo_id, report, image_processor, repo_id_required=False)
     model.save_pretrained(directory, **save_kwargs)
     if image_processor is not None:
         image_processor.save_pretrained(directory)
@@ -265,12 +268,16 @@ def save_for_hub(model, directory: str | os.PathLike, *, report: TrainingReport 
                        directory, type(error).__name__, error)
 
 
-def _check_push_arguments(model, repo_id: Any, report: Any, image_processor: Any) -> None:
-    """Wrong types fail here, not as a logged card failure after the weights are uploaded."""
+def _check_push_arguments(
+    model, repo_id: Any, report: Any, image_processor: Any, repo_id_required: bool = True
+) -> None:
+    """Wrong types fail here, not as a logged card failure after the weights are saved or uploaded (`save_for_hub`
+    takes no `repo_id`: `repo_id_required=False`)."""
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise TypeError(f"`model` must be a transformers model (with `save_pretrained`), got {type(model).__name__}.")
-    if not isinstance(repo_id, str):
-        raise TypeError(f"`repo_id` must be a str ('namespace/name'), got {type(repo_id).__name__}.")
+    if not isinstance(repo_id, str) and (repo_id_required or repo_id is not None):
+        optional = "" if repo_id_required else " or None"
+        raise TypeError(f"`repo_id` must be a str ('namespace/name'){optional}, got {type(repo_id).__name__}.")
     if report is not None and not isinstance(report, TrainingReport):
         raise TypeError(f"`report` must be a hf_sparse.TrainingReport or None, got {type(report).__name__}"
                         + (" (build one with `TrainingReport(**values)`)." if isinstance(report, dict) else "."))

@@ -266,8 +266,17 @@ def test_a_failing_card_never_costs_the_weights_or_the_checkpoint(tmp_path, monk
     assert any("template exploded" in record.getMessage() for record in caplog.records)
 
 
-def test_push_to_hub_refuses_a_wrong_argument_type_before_anything_is_uploaded(hub_server):
+def test_push_to_hub_refuses_a_wrong_argument_type_before_anything_is_uploaded(hub_server, tmp_path):
     model = published_model()
+    # save_for_hub runs the same checks before it writes anything (no folder without a README)
+    folder = tmp_path / "folder"
+    with pytest.raises(TypeError, match=r"`report` must be a hf_sparse.TrainingReport.*dict"):
+        hf_sparse.save_for_hub(model, folder, report={"method": "tost"})
+    with pytest.raises(TypeError, match=r"`repo_id` must be a str \('namespace/name'\) or None"):
+        hf_sparse.save_for_hub(model, folder, repo_id=["user", "typed"])
+    with pytest.raises(TypeError, match="`image_processor`"):
+        hf_sparse.save_for_hub(model, folder, image_processor="preprocessor_config.json")
+    assert not folder.exists()
     hub_server.clear_requests()
     with pytest.raises(TypeError, match=r"`report` must be a hf_sparse.TrainingReport.*dict.*TrainingReport\(\*\*values\)"):
         hf_sparse.push_to_hub(model, "user/typed", report={"a": 1})
@@ -312,7 +321,9 @@ def test_a_tri_level_card_with_token_pruning_alone_names_only_token_pruning(tmp_
     assert "token pruning (keep ratio 0.5 in layers 0, 1)" in summary
     assert "example pruning" not in summary and "attention sparsity" not in summary
     assert len(labels) == len(set(labels)) and "example inactive fraction" not in labels
+    assert "token pruning layers" in labels
     dense = TriLevelTrainer(model=tiny_sparse_vit(), args=TriLevelTrainingArguments(
         output_dir=str(tmp_path), report_to=[], use_cpu=True, token_keep_ratio=1.0))
     summary, labels = card_summary_and_rows(hf_sparse.hub.build_model_card(dense.model, dense.training_report()))
     assert "all three levels off" in summary and "token/attention schedule" not in labels
+    assert "token pruning layers" not in labels  # the config's default layers, but no token was pruned
