@@ -392,6 +392,57 @@ def test_reapply_rezeroes_weights_written_outside_autograd():
     assert torch.equal(model.mlp.fc1.weight != 0, model.mlp.fc1.weight_mask)
 
 
+def poison_pruned_entries(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes NaN, inf and -3 into three pruned entries of `module.weight` outside autograd (as a custom optimizer or a
+    weight load could); returns the pruned entries' indices and the kept values before the write."""
+    pruned = (~module.weight_mask).nonzero()
+    assert len(pruned) >= 3
+    with torch.no_grad():
+        for (row, column), value in zip(pruned[:3].tolist(), (float("nan"), float("inf"), -3.0)):
+            module.weight[row, column] = value
+    return pruned, module.weight.detach()[module.weight_mask].clone()
+
+
+def test_per_step_reapply_zeroes_finite_writes_and_the_exact_path_every_write():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    prune_model(model, MaskConfig(method="random", sparsity=0.5, patterns=(r"mlp\.fc\d$",), seed=0))
+    module = model.mlp.fc1
+    pruned, kept = poison_pruned_entries(module)
+    (nan_row, nan_column), (inf_row, inf_column), (finite_row, finite_column) = pruned[:3].tolist()
+
+    # Per step, the documented product: the finite write is zeroed, the non-finite ones survive (NaN * 0, inf * 0).
+    reapply(model)
+    assert module.weight[finite_row, finite_column] == 0
+    assert module.weight[nan_row, nan_column].isnan() and module.weight[inf_row, inf_column].isnan()
+    assert (module.weight[~module.weight_mask].nan_to_num(nan=0.0) == 0).all()
+
+    # The exact path (what saving uses): every pruned entry is 0, the kept values are untouched.
+    reapply(model, exact=True)
+    assert (module.weight[~module.weight_mask] == 0).all()
+    assert torch.equal(module.weight[module.weight_mask], kept)
+
+
+def test_saving_clears_non_finite_writes_into_pruned_weights(tmp_path):
+    from hf_sparse import ToSTTrainer, ToSTTrainingArguments
+
+    model = tiny_vit()
+    handle = prune_model(model, MaskConfig(method="magnitude", sparsity=0.5))
+    name = next(iter(handle.masks))
+    module = model.get_submodule(name)
+
+    poison_pruned_entries(module)
+    save_masks(model, tmp_path / "masks")
+    assert (module.weight[~module.weight_mask] == 0).all()
+
+    poison_pruned_entries(module)
+    args = ToSTTrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    ToSTTrainer(model=model, args=args).save_model(str(tmp_path / "saved"))
+    saved = ViTForImageClassification.from_pretrained(tmp_path / "saved").get_submodule(name).weight
+    assert torch.isfinite(saved).all() and (saved[~module.weight_mask] == 0).all()
+    assert torch.equal(saved, module.weight)  # the model in memory was cleared too
+
+
 def test_nan_and_inf_gradients_of_pruned_weights_do_not_leak():
     torch.manual_seed(0)
     model = TinyMLP()

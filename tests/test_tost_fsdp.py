@@ -45,8 +45,11 @@ def test_fsdp2_keeps_pruned_weights_exactly_zero_and_saves_them_whole(tmp_path):
             assert step["sparsity"] == pytest.approx(0.6, abs=1e-3)  # the whole weights, summed over the shards
         assert record["saved_masks_equal"]  # saved whole
         assert record["saved_pruned_max"] == 0.0 and record["saved_kept_trained"]
+        assert record["saved_kept_nonzero"] == 1.0  # no kept weight was zeroed: the zeros are exactly the mask's
         assert record["loaded_pruned_max"] == 0.0  # loaded whole into a freshly sharded model
         assert record["loaded_sparsity"] == pytest.approx(0.6, abs=1e-3)
+        # sharded and unsharded masked weights together: the unsharded ones counted once, not once per rank
+        assert record["mixed_sharded_and_plain"] and record["mixed_sparsity"] == pytest.approx(0.6, abs=1e-3)
         message = record["refusals"]["trainer_fully_shard"]
         assert "already sharded" in message and "fsdp_version: 2" in message
     assert ranks[0]["steps"] == ranks[1]["steps"]

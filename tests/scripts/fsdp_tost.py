@@ -3,8 +3,8 @@
 `python -m torch.distributed.run --nproc_per_node 2 fsdp_tost.py api OUTPUT_DIR`: masks a tiny HF ViT with the
 project's API, shards it with `fully_shard` (an uneven shard included), trains a few AdamW steps with gradient
 accumulation, saves the whole weights (safetensors) and masks, loads the masks into a freshly sharded model, tries the
-refused set-up (a model sharded before `ToSTTrainer`), and writes per rank what the test checks
-(`rank{r}.json`).
+refused set-up (a model sharded before `ToSTTrainer`), measures the sparsity of a model with sharded and unsharded
+masked weights, and writes per rank what the test checks (`rank{r}.json`).
 
 It works at the level of `fully_shard` because accelerate (1.x) turns FSDP on only for GPU-like distributed types: on
 CPU processes the Trainer's `fsdp=True` fails with "Using fsdp only works in distributed training", so `ToSTTrainer`
@@ -129,9 +129,21 @@ def main_api(output_dir: Path) -> None:
     load_masks(fresh, output_dir / "masks")
     record["loaded_pruned_max"] = pruned_values(fresh)["weight"]
     record["loaded_sparsity"] = masked_weight_sparsity(fresh)
+    record.update(mixed_sharding_sparsity())
     record["refusals"] = refusals(output_dir)
     (output_dir / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
+
+
+def mixed_sharding_sparsity() -> dict:
+    """`masked_weight_sparsity` of a model whose first layer alone is sharded: the unsharded layer's zeros, held whole
+    by every rank, must be counted once, not once per rank."""
+    model = tiny_vit()
+    prune_model(model, MaskConfig(method="magnitude", sparsity=0.6))
+    fully_shard(model.vit.layers[0])
+    reapply(model)
+    kinds = {isinstance(module.weight, DTensor) for module in model.modules() if hasattr(module, "weight_mask")}
+    return {"mixed_sharded_and_plain": kinds == {True, False}, "mixed_sparsity": masked_weight_sparsity(model)}
 
 
 def refusals(output_dir: Path) -> dict[str, str]:

@@ -10,9 +10,15 @@ Two mechanisms keep pruned weights at exactly zero during training:
   accumulated (before DDP buckets it or an optimizer reads it), so momentum and Adam moments of pruned weights stay
   zero, under gradient accumulation and DDP alike; `masked_fill_` rather than a product, so a NaN/inf gradient of a
   pruned weight never leaks;
-* `reapply()` (call it after every optimizer step) zeroes them again with one fused `torch._foreach_mul_` over all
-  masked weights, a guard against anything that writes weights outside autograd (EMA, weight loading, a custom
-  optimizer).
+* `reapply()` (call it after every optimizer step) multiplies all masked weights by their masks with one fused
+  `torch._foreach_mul_`, a guard against anything that writes finite values into weights outside autograd (decoupled
+  weight decay, EMA, a custom optimizer): those become exact zeros. A product cannot clear a NaN/inf written into a
+  pruned entry outside autograd (NaN * 0 is NaN); the gradient hook already keeps non-finite gradients out, so only
+  such a direct write can leave one.
+
+Where exact zeros must hold whatever was written, the masks are applied with `masked_fill_` instead: by `apply_masks`
+(and so `load_masks`), by `reapply(model, exact=True)` (one fill per masked weight, from the same cache), and by
+`save_masks`; `ToSTTrainer.save_model` calls `reapply(model, exact=True)` before writing the weights.
 
 Both work from a per-model cache of (weight, mask) pairs, rebuilt when a parameter, a mask buffer or a mask's content
 changes, so no step walks the modules. Under FSDP2 (`torch.distributed.fsdp.fully_shard`) the weights become DTensors:
@@ -295,21 +301,28 @@ def apply_masks(
         else:
             module.register_buffer(MASK_BUFFER_NAME, mask, persistent=False)
     _MASKS_GENERATION[0] += 1
-    with torch.no_grad():
-        for entry in _masked_weights(model):  # masked_fill_: exact zeros even where a weight is NaN/inf
-            _local(entry.weight).masked_fill_(entry.pruned, 0)
+    reapply(model, exact=True)
     return WeightMasks(model, metadata)
 
 
 @torch.no_grad()
-def reapply(model: nn.Module) -> None:
+def reapply(model: nn.Module, exact: bool = False) -> None:
     """Zero the pruned weights again (call after every optimizer step; once after `fully_shard`).
 
-    One fused `torch._foreach_mul_` over the local values of all masked weights, from a cache of the (weight, mask)
-    pairs; the gradient hooks are (re)installed when the cache is rebuilt (new masks, new or sharded parameters).
+    Per step (`exact=False`): one fused `torch._foreach_mul_` of the local values of all masked weights by their kept
+    masks, from a cache of the (weight, mask) pairs. Finite values written into pruned entries become exact zeros; a
+    NaN/inf written there outside autograd stays (NaN * 0 is NaN). `exact=True`: one `masked_fill_` per masked
+    weight, exact zeros whatever the pruned entries hold (before saving; `ToSTTrainer.save_model` uses it).
+
+    Either way the gradient hooks are (re)installed when the cache is rebuilt (new masks, new or sharded parameters).
     """
     entries = _masked_weights(model)
-    if entries:
+    if not entries:
+        return
+    if exact:
+        for entry in entries:
+            _local(entry.weight).masked_fill_(entry.pruned, 0)
+    else:
         torch._foreach_mul_([_local(entry.weight) for entry in entries], [entry.keep for entry in entries])
 
 
@@ -317,19 +330,32 @@ def masked_weight_sparsity(model: nn.Module) -> float | None:
     """Fraction of the masked weights that are exactly zero (whole weights, also under FSDP2), with one host sync;
     None on a model without masks.
 
-    Under FSDP2 the counts of the local shards are summed over the sharded mesh dimensions: call it on every rank.
+    Under FSDP2 the zeros of the sharded (DTensor) weights are summed over their sharded mesh dimensions (one
+    all-reduce per mesh and placement, usually one in all) and added to those of the unsharded weights, which every
+    rank holds whole: call it on every rank.
     """
     entries = _masked_weights(model)
     if not entries:
         return None
     device = _local(entries[0].weight).device
-    counts = torch.stack([(_local(entry.weight) == 0).sum().to(device) for entry in entries])
-    zeros = counts.sum()
-    sharded = next((entry.weight for entry in entries if isinstance(entry.weight, DTensor)), None)
-    if sharded is not None and dist.is_available() and dist.is_initialized():
-        for dim, placement in enumerate(sharded.placements):
+    distributed = dist.is_available() and dist.is_initialized()
+    zeros = torch.zeros((), dtype=torch.int64, device=device)
+    # (mesh, placements) -> (a weight sharded so, the local zeros of all weights sharded so)
+    sharded: dict[tuple[int, tuple], tuple[DTensor, torch.Tensor]] = {}
+    for entry in entries:
+        local_zeros = (_local(entry.weight) == 0).sum().to(device)
+        weight = entry.weight
+        if distributed and isinstance(weight, DTensor):
+            key = (id(weight.device_mesh), tuple(weight.placements))
+            first, total = sharded.get(key, (weight, torch.zeros_like(zeros)))
+            sharded[key] = (first, total + local_zeros)
+        else:
+            zeros += local_zeros
+    for weight, sharded_zeros in sharded.values():
+        for dim, placement in enumerate(weight.placements):
             if isinstance(placement, Shard):
-                dist.all_reduce(zeros, group=sharded.device_mesh.get_group(dim))
+                dist.all_reduce(sharded_zeros, group=weight.device_mesh.get_group(dim))
+        zeros += sharded_zeros
     return zeros.item() / sum(entry.weight.numel() for entry in entries)
 
 
@@ -397,8 +423,8 @@ class WeightMasks:
         """Fraction of pruned entries over all masks."""
         return mask_sparsity(self.masks)
 
-    def reapply(self) -> None:
-        reapply(self.model)
+    def reapply(self, exact: bool = False) -> None:
+        reapply(self.model, exact=exact)
 
     def remove(self) -> MaskDict:
         return remove_masks(self.model)
@@ -418,10 +444,14 @@ class WeightMasks:
 def save_masks(
     model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write the masks attached to `model` to a safetensors file and return its path (see `write_mask_file`)."""
+    """Write the masks attached to `model` to a safetensors file and return its path (see `write_mask_file`).
+
+    The pruned weights are first set to exact zeros (`reapply(model, exact=True)`), so weights saved beside the
+    masks agree with them even after a non-finite write outside autograd."""
     masks = get_masks(model)
     if not masks:
         raise ValueError(f"{type(model).__name__} carries no weight masks to save (see `apply_masks`).")
+    reapply(model, exact=True)
     return write_mask_file(masks, path, metadata)
 
 
