@@ -49,11 +49,12 @@ def test_bench_gpu_on_cpu_writes_one_json_with_ratios_from_its_measurements(tmp_
 
     kept = result["kept_set_check"]
     assert kept["ran"] and len(kept["kept_overlap_per_pruning_layer"]) == len(kept["pruning_layers"])
-    assert all(0.0 <= value <= 1.0 for value in kept["kept_overlap_per_pruning_layer"])
+    # scores in float32 under bf16 autocast: the first pruning layer (same inputs) keeps float32's tokens
+    assert kept["kept_overlap_per_pruning_layer"][0] >= 0.99
     sync = result["sync_check"]
     assert sync["ran"], sync.get("error")
     assert sync["forward_backward_windows"] == 6  # 2 epochs x 3 steps of the short TriLevelTrainer run
-    assert sync["host_copies_between_forward_and_backward"] == sum(sync["host_copy_calls"].values())
+    assert sync["host_copies_between_forward_and_backward"] == 0 and sync["host_copy_calls"] == {}
     assert sync["cuda_syncs_between_forward_and_backward"] is None  # CPU
     assert "x HF ViT" in capsys.readouterr().out
 
@@ -99,8 +100,17 @@ def test_host_copy_counter_counts_only_inside_the_window():
     values = torch.arange(3.0)
     with HostCopyCounter() as counter:
         values.sum().item()  # window closed: not counted
-        counter.open = True
+        counter.open_window()
         values.sum().item(), values.tolist(), bool(values[0]), values.to("cpu")  # on CPU `.to("cpu")` copies nothing
-        counter.open = False
+        counter.close_window()
         values.cpu()
-    assert dict(counter.calls) == {".item()": 1, ".tolist()": 1, ".__bool__()": 1}
+    assert dict(counter.calls) == {".item()": 1, ".tolist()": 1, ".__bool__()": 1} and counter.windows == 1
+
+    # On a CPU-only machine, a copy an accelerator would make: the host named as a string. `.to(device)` of the
+    # tensor's own device is not one.
+    with HostCopyCounter(explicit_host_targets=True) as counter:
+        counter.open_window()
+        values.to("cpu"), values.to(device="cpu"), values.to("cpu", torch.float64), values.cpu()
+        values.to(values.device), values.to(torch.float64), values.to(values)
+        counter.close_window()
+    assert dict(counter.calls) == {".to()": 3, ".cpu()": 1}

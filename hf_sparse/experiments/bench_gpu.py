@@ -267,27 +267,71 @@ def kept_set_check(geometry: Geometry, device: torch.device, batch_size: int, to
 
 class HostCopyCounter(TorchFunctionMode):
     """Counts, while `open`, the tensor methods that copy to the host: on an accelerator each one waits for the
-    device. (A `.to()` counts when it moves a tensor off an accelerator to the CPU.)"""
+    device. A `.to()` counts when it moves a tensor off an accelerator to the CPU; with `explicit_host_targets`, also
+    when it names the host as a string (`.to("cpu")`, `.to(device="cpu")`) for a tensor on the CPU already: on a
+    CPU-only machine that shows the copies an accelerator would make. (There a `torch.device("cpu")` target cannot be
+    told from `.to(tensor.device)`: it is judged on an accelerator only.)
 
-    def __init__(self) -> None:
+    `watch_training_steps(trainer)` opens the window at each training forward of the trainer's model and closes it
+    when that step's backward begins, counting the windows; the tests of `TriLevelTrainer` and `sync_check` use it.
+    """
+
+    def __init__(self, explicit_host_targets: bool = False, cuda_sync_debug: bool = False) -> None:
         super().__init__()
+        self.explicit_host_targets = explicit_host_targets
+        self.cuda_sync_debug = cuda_sync_debug  # also have CUDA warn about every synchronising op in the window
         self.open = False
+        self.windows = 0
         self.calls: collections.Counter[str] = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.open:
             name = getattr(func, "__name__", "")
-            if name in HOST_COPY_METHODS or (name == "to" and _moves_to_host(args, kwargs)):
+            if name in HOST_COPY_METHODS or (name == "to" and self._moves_to_host(args, kwargs)):
                 self.calls[f".{name}()"] += 1
         return func(*args, **kwargs)
 
+    def _moves_to_host(self, args: tuple, kwargs: dict) -> bool:
+        source = args[0] if args and torch.is_tensor(args[0]) else None
+        if source is None:
+            return False
+        targets = [*args[1:], kwargs.get("device")]
+        if source.device.type != "cpu":
+            return any(isinstance(target, (str, torch.device)) and _is_host(target) for target in targets)
+        return self.explicit_host_targets and any(isinstance(target, str) and _is_host(target) for target in targets)
 
-def _moves_to_host(args: tuple, kwargs: dict) -> bool:
-    source = args[0] if args and torch.is_tensor(args[0]) else None
-    targets = [*args[1:], kwargs.get("device")]
-    to_cpu = any(str(target) == "cpu" for target in targets if isinstance(target, (str, torch.device)))
-    return source is not None and source.device.type != "cpu" and to_cpu
+    def open_window(self) -> None:
+        self.open, self.windows = True, self.windows + 1
+        if self.cuda_sync_debug:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def close_window(self) -> None:
+        if self.cuda_sync_debug:
+            torch.cuda.set_sync_debug_mode(0)
+        self.open = False
+
+    def watch_training_steps(self, trainer: transformers.Trainer) -> None:
+        """Open the window at each training forward of `trainer.model`, close it when the loss's backward begins."""
+        backward = trainer.accelerator.backward
+
+        def open_on_training_forward(module: torch.nn.Module, inputs: tuple) -> None:
+            if module.training:
+                self.open_window()
+
+        def close_then_backward(loss: torch.Tensor, **kwargs) -> None:
+            self.close_window()
+            return backward(loss, **kwargs)
+
+        trainer.model.register_forward_pre_hook(open_on_training_forward)
+        trainer.accelerator.backward = close_then_backward
+
+
+def _is_host(target: str | torch.device) -> bool:
+    try:
+        return torch.device(target).type == "cpu"
+    except (RuntimeError, TypeError):
+        return False
 
 
 def sync_check(device: torch.device, steps_per_epoch: int = 3, epochs: int = 2) -> dict:
@@ -302,46 +346,33 @@ def sync_check(device: torch.device, steps_per_epoch: int = 3, epochs: int = 2) 
     active = steps_per_epoch * batch
     examples = [{"pixel_values": torch.randn(3, geometry.image_size, geometry.image_size), "labels": index % 10}
                 for index in range(active * 4 // 3)]  # a quarter inactive: `active` examples trained per epoch
-    counter, windows, sync_warnings = HostCopyCounter(), [0], []
+    on_cuda = device.type == "cuda"
+    # Without an accelerator, `.to("cpu")` copies nothing, but would on one: count it (see `HostCopyCounter`).
+    counter, sync_warnings = HostCopyCounter(explicit_host_targets=not on_cuda, cuda_sync_debug=on_cuda), []
     with tempfile.TemporaryDirectory() as output_dir:
         args = TriLevelTrainingArguments(
             output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=batch, learning_rate=1e-4,
             save_strategy="no", report_to=[], logging_strategy="no", disable_tqdm=True, seed=0,
-            use_cpu=device.type != "cuda", bf16=device.type == "cuda", dataloader_num_workers=0,
+            use_cpu=not on_cuda, bf16=on_cuda, dataloader_num_workers=0,
             example_pruning="forgetting", example_inactive_fraction=0.25, example_swap_fraction=0.125,
             token_keep_ratio=0.5, attention_keep_ratio=0.5, sparsity_warmup_fraction=0.0,
             sparsity_decay_fraction=0.0,
         )
         trainer = TriLevelTrainer(model=model, args=args, train_dataset=examples)
-        backward = trainer.accelerator.backward
-
-        def open_window(module, inputs):
-            if module.training:
-                counter.open, windows[0] = True, windows[0] + 1
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("warn")
-
-        def close_window_then_backward(loss, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode(0)
-            counter.open = False
-            return backward(loss, **kwargs)
-
-        trainer.model.register_forward_pre_hook(open_window)
-        trainer.accelerator.backward = close_window_then_backward
+        counter.watch_training_steps(trainer)
         with warnings.catch_warnings(record=True) as caught, counter:
             warnings.simplefilter("always")
             try:
                 trainer.train()
             finally:
-                if device.type == "cuda":
+                if on_cuda:
                     torch.cuda.set_sync_debug_mode(0)
         sync_warnings = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     return {
-        "trainer": "TriLevelTrainer", "example_pruning": "forgetting", "forward_backward_windows": windows[0],
+        "trainer": "TriLevelTrainer", "example_pruning": "forgetting", "forward_backward_windows": counter.windows,
         "host_copies_between_forward_and_backward": sum(counter.calls.values()),
         "host_copy_calls": dict(counter.calls),
-        "cuda_syncs_between_forward_and_backward": len(sync_warnings) if device.type == "cuda" else None,
+        "cuda_syncs_between_forward_and_backward": len(sync_warnings) if on_cuda else None,
         "cuda_sync_examples": sorted(set(sync_warnings))[:5],
     }
 
