@@ -82,6 +82,14 @@ class TokenState:
     patch_ids: torch.LongTensor  # (batch, patches): original index of each remaining patch token
     num_special_tokens: int  # prefix tokens, plus one once a fused token exists
     attention_mask: torch.BoolTensor | None = None  # (batch, 1, tokens, tokens), True = attend
+    block_mask: BlockMask | None = None  # `attention_mask` for FlexAttention: see `flex_block_mask`
+
+    def flex_block_mask(self) -> BlockMask:
+        """`attention_mask` as FlexAttention's block mask. Built by the first layer that runs flex with this mask and
+        reused by the following ones up to the next pruning layer: one build per mask, none where flex never runs."""
+        if self.block_mask is None:
+            self.block_mask = connection_block_mask(self.attention_mask)
+        return self.block_mask
 
 
 @dataclass
@@ -285,9 +293,13 @@ def flex_attention_forward(
     attention_mask: torch.BoolTensor | None,
     scaling: float,
     dropout: float = 0.0,
+    token_state: TokenState | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """FlexAttention with the boolean connection mask as a block mask: attention sparsity keeps a fused kernel.
+
+    The block mask comes from `token_state` (whose `attention_mask` is the one given), built once per mask and shared
+    by the layers that apply it; without a state it is built here.
 
     SDPA runs instead, with the same mask and result, where flex adds nothing or cannot run: without a connection
     mask (SDPA's flash kernel is fused already, and a layer then compiles no flex kernel of its own), with attention
@@ -296,7 +308,7 @@ def flex_attention_forward(
     if attention_mask is None or dropout > 0.0 or (query.device.type == "cpu" and query.requires_grad):
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    block_mask = connection_block_mask(attention_mask)
+    block_mask = token_state.flex_block_mask() if token_state is not None else connection_block_mask(attention_mask)
     attn_output = _flex_attention_kernel(query.device)(query, key, value, block_mask=block_mask, scale=scaling)
     return attn_output.transpose(1, 2).contiguous(), None
 
@@ -338,7 +350,9 @@ class SparseViTAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.BoolTensor | None = None,
         output_attentions: bool = False,
+        token_state: TokenState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`token_state`: the state whose `attention_mask` is given, so that FlexAttention reuses its block mask."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -349,10 +363,16 @@ class SparseViTAttention(nn.Module):
         implementation = "eager" if output_attentions else self.config._attn_implementation
         if attention_mask is not None:  # a ratio set at run time (`set_sparsity`) is only known here
             _refuse_flash_with_connection_mask(implementation)
+        flex_kwargs = {}
         if implementation == "flex_attention":  # ours: transformers' would misread the boolean connection mask
             attention_interface: Callable = flex_attention_forward
-        else:
+            flex_kwargs = {"token_state": token_state}
+        elif hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # newer 5.x; 5.0 has none (remote code runs on both)
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        elif implementation == "eager":  # no "eager" key: eager is this file's own function
+            attention_interface = eager_attention_forward
+        else:
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -361,6 +381,7 @@ class SparseViTAttention(nn.Module):
             attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            **flex_kwargs,
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights, query_states, key_states
@@ -527,7 +548,7 @@ class SparseViTLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, TokenState, torch.Tensor | None, torch.Tensor | None]:
         residual = hidden_states
         attention_output, attention_weights, query, key = self.attention(
-            self.layernorm_before(hidden_states), state.attention_mask, output_attentions
+            self.layernorm_before(hidden_states), state.attention_mask, output_attentions, token_state=state
         )
         hidden_states = self.dropout(attention_output) + residual
 
