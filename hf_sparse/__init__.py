@@ -4,6 +4,11 @@ Importing the package registers SparseViT with `AutoConfig`, `AutoModel` and `Au
 Methods: `hf_sparse.tri_level` (Tri-Level E-ViT) and `hf_sparse.tost` (ToST); the model: `hf_sparse.models.sparse_vit`.
 """
 
+import re
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .hub import TrainingReport, build_model_card, push_checkpoint, push_to_hub, save_for_hub
@@ -19,7 +24,18 @@ from .tost import ToSTTrainer, ToSTTrainingArguments
 from .tri_level import TriLevelTrainer, TriLevelTrainingArguments
 
 
-__version__ = "0.2.0"
+def _package_version() -> str:
+    """The version in pyproject.toml (written only there): from the installed metadata, or, in a source checkout that
+    was never installed, from the file itself."""
+    try:
+        return _distribution_version("hf_sparse")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text()) if pyproject.is_file() else None
+        return found.group(1) if found else "0+unknown"
+
+
+__version__ = _package_version()
 
 AutoConfig.register(SparseViTConfig.model_type, SparseViTConfig, exist_ok=True)
 AutoModel.register(SparseViTConfig, SparseViTModel, exist_ok=True)

@@ -60,6 +60,7 @@ def _arguments_of(command: str, module_name: str) -> tuple[type, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .experiments.common import escape_help_percents
 
     parser = argparse.ArgumentParser(prog="hf-sparse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
             groups[command] = group.add_subparsers(dest="sub_command", required=True, parser_class=HfArgumentParser)
         groups[command].add_parser(sub_command, help=help_text, description=help_text, dataclass_types=types)
     _describe_negative_flags(parser)
+    escape_help_percents(parser)
     return parser
 
 
@@ -126,9 +128,23 @@ def _dataclasses_from(namespace: argparse.Namespace, types: tuple[type, ...]) ->
     return [kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.init}) for kind in types]
 
 
+def _device_count(kind: str) -> int:
+    """How many devices of a torch device type this machine has (the CPU counts as one)."""
+    import torch
+
+    if kind == "cpu":
+        return 1
+    if kind == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    backend = getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
+    if backend is None or not hasattr(backend, "device_count") or not backend.is_available():
+        return 0
+    return backend.device_count()
+
+
 def check_devices(arguments: list) -> None:
-    """A `device` field must name a torch device this machine has: a `ValueError` now, not a `RuntimeError` (or a
-    failed CUDA call) after the models are built."""
+    """A `device` field must name a torch device this machine has (`cuda:7` on a one-GPU machine, `mps` without MPS
+    are refused): a `ValueError` now, not a `RuntimeError` (or a failed CUDA call) after the models are built."""
     import torch
 
     for values in arguments:
@@ -136,11 +152,15 @@ def check_devices(arguments: list) -> None:
         if device is None:
             continue
         try:
-            kind = torch.device(device).type
+            kind, index = torch.device(device).type, torch.device(device).index
         except RuntimeError:
-            raise ValueError(f"`device`={device!r} is not a torch device: use cpu, cuda or cuda:N.") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"`device`={device!r}: no CUDA device is available here (use cpu).")
+            raise ValueError(f"`device`={device!r} is not a torch device: use cpu, cuda, cuda:N or mps.") from None
+        count = _device_count(kind)
+        if count == 0:
+            raise ValueError(f"`device`={device!r}: no {kind} device is available here (use cpu).")
+        if index is not None and index >= count:
+            raise ValueError(f"`device`={device!r}: this machine has {count} {kind} device(s), {kind}:0 to "
+                             f"{kind}:{count - 1}.")
 
 
 def convert(args: ConvertArguments) -> int:
@@ -198,6 +218,12 @@ def run_command(namespace: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:  # before `build_parser`, which imports every command's module
+        from . import __version__
+
+        print(f"hf-sparse {__version__}")
+        raise SystemExit(0)  # as argparse's version action
     parser = build_parser()
     namespace = parser.parse_args(argv)
     parts = ("hf-sparse", namespace.command, getattr(namespace, "sub_command", None),

@@ -218,6 +218,26 @@ def test_train_command_runs_a_recipe_from_a_config_with_overrides_and_writes_a_m
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
 
 
+def test_train_use_cpu_is_true_by_default_only_without_an_accelerator_and_the_users_value_wins(tmp_path, monkeypatch):
+    from hf_sparse import TriLevelTrainingArguments
+    from hf_sparse.experiments import common
+
+    config = tiny_config(tmp_path)
+    without_use_cpu = config.read_text()
+    (tmp_path / "cpu_false.yaml").write_text(without_use_cpu + "use_cpu: false\n")
+
+    def use_cpu(*argv: str, accelerator: bool = False, yaml: Path = config) -> bool:
+        monkeypatch.setattr(common, "has_accelerator", lambda: accelerator)
+        return common.parse_training_config(TriLevelTrainingArguments, [str(yaml), *argv])[2].use_cpu
+
+    assert use_cpu() is True  # lets `accelerate launch` form a gloo group of CPU processes
+    assert use_cpu(accelerator=True) is False
+    # the user's false wins, in either spelling of the flag and in the YAML
+    assert use_cpu("--use-cpu", "false") is False and use_cpu("--use_cpu", "false") is False
+    assert use_cpu(yaml=tmp_path / "cpu_false.yaml") is False
+    assert use_cpu("--use-cpu", "true", accelerator=True) is True
+
+
 def test_train_input_errors_are_one_line_from_the_command_and_from_the_recipe_scripts(tmp_path, capsys):
     config = str(tiny_config(tmp_path))
     (tmp_path / "text" / "notes").mkdir(parents=True)
@@ -248,13 +268,27 @@ def test_train_input_errors_are_one_line_from_the_command_and_from_the_recipe_sc
     assert "did you mean --token_keep_ratio" in script.stderr
 
 
-def test_version_dashes_and_help_texts(capsys):
+def _no_installed_metadata(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+
+    raise PackageNotFoundError(name)
+
+
+def test_version_dashes_and_help_texts(capsys, monkeypatch):
+    import hf_sparse
     from hf_sparse import __version__
     from hf_sparse.cli import build_parser
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["--version"])
+    with monkeypatch.context() as patch:  # --version answers without building the parser (importing every command)
+        patch.setattr("hf_sparse.cli.build_parser", lambda: pytest.fail("--version built the parser"))
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-sparse {__version__}"
+    # the version is written once, in pyproject.toml: installed metadata, or the file in an uninstalled checkout
+    assert re.search(rf'(?m)^version = "{re.escape(__version__)}"$', (ROOT / "pyproject.toml").read_text())
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_sparse, "_distribution_version", _no_installed_metadata)
+        assert hf_sparse._package_version() == __version__
     parsed = build_parser().parse_args(["convert", "vit", "out", "--token-keep-ratio", "0.5", "--token-fusion"])
     assert parsed.token_keep_ratio == 0.5 and parsed.token_fusion  # dashes, as every other command takes them
     with pytest.raises(SystemExit):
@@ -265,3 +299,30 @@ def test_version_dashes_and_help_texts(capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "tri-level", "--help"])
     assert "--token_keep_ratio" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # ToST's help texts hold bare "%" signs, which argparse formats
+        cli_main(["train", "tost", "--help"])
+    assert exit_info.value.code == 0 and "--lottery_ticket_rounds" in capsys.readouterr().out
+
+
+@needs_fashion_mnist
+def test_bench_e2e_data_arms_run_infobatch_and_the_fixed_size_mode_side_by_side(tmp_path):
+    """The data level's arms (issue 18): InfoBatch itself (a full first epoch, then below-mean-loss examples left out,
+    so fewer images than dense) and our fixed-size mode, each with its budget-matched dense run."""
+    path = tmp_path / "e2e.json"
+    arms = ["data_infobatch", "data_infobatch_fixed_size"]
+    cli_main(["bench", "e2e", "--output_dir", str(tmp_path), "--variants", *arms, "--seeds", "5",
+              "--max_train_samples", "128", "--max_eval_samples", "64", "--epochs", "3", "--evaluations", "1",
+              "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--json", str(path)])
+    result = json.loads(path.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["dense", *arms]
+    runs = result["runs"]["5"]
+    dense_images = runs["dense"]["images_trained"]
+    assert dense_images == 3 * 128
+    # InfoBatch trains every example in epoch 0 and leaves some out in epoch 1 (delta 0.875 of 3 epochs: 2 prune)
+    assert 2 * 128 < runs["data_infobatch"]["run"]["images_trained"] < dense_images
+    # the fixed-size mode drops 0.3 of the examples in every epoch
+    assert runs["data_infobatch_fixed_size"]["run"]["images_trained"] == 3 * round(0.7 * 128)
+    for arm in arms:
+        assert runs[arm]["budget_matched"]["role"] == "dense_budget_matched"
+        assert "InfoBatch" in rows[arm]["label"]

@@ -245,6 +245,24 @@ def test_bench_throughput_refuses_a_device_torch_does_not_know_in_one_line(capsy
     assert "`device`='tpu' is not a torch device" in one_line_error(capsys, ["bench", "throughput", "--device", "tpu"])
 
 
+def test_a_device_this_machine_lacks_is_refused_before_anything_runs(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_sparse.cli import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, without MPS
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    check_devices([SimpleNamespace(device="cuda"), SimpleNamespace(device="cuda:0"), SimpleNamespace(device="cpu")])
+    error = one_line_error(capsys, ["bench", "throughput", "--device", "cuda:7"])
+    assert "`device`='cuda:7': this machine has 1 cuda device(s), cuda:0 to cuda:0" in error
+    with pytest.raises(ValueError, match="`device`='mps': no mps device is available here"):
+        check_devices([SimpleNamespace(device="mps")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="`device`='cuda': no cuda device is available here"):
+        check_devices([SimpleNamespace(device="cuda")])
+
+
 def test_evaluate_refuses_a_split_that_does_not_exist_and_lists_the_splits(tmp_path, capsys):
     folder = image_folder(tmp_path / "images", per_class=4)
     tiny_vit(num_channels=3).save_pretrained(tmp_path / "model")
@@ -292,6 +310,16 @@ def test_evaluate_serves_one_channel_models_and_says_to_set_id2label(tmp_path, c
     tiny_vit(num_channels=3, id2label=None, label2id=None).save_pretrained(tmp_path / "unnamed")
     error = one_line_error(capsys, ["evaluate", "--models", str(tmp_path / "unnamed"), "--dataset_name", str(folder)])
     assert "LABEL_0" in error and "id2label" in error
+
+
+def test_evaluate_refuses_a_grey_models_processor_whose_normalisation_differs_per_channel(tmp_path, capsys):
+    """The pipeline feeds a one-channel model the luma of RGB pixels; that equals normalising the grey image only
+    when the processor normalises the three channels alike."""
+    folder = image_folder(tmp_path / "images", per_class=6)
+    save_for_hub(tiny_vit(), tmp_path / "grey_vit", image_processor=image_processor_for(8, 3, (0.1, 0.5, 0.9),
+                                                                                        (0.5, 0.5, 0.5)))
+    error = one_line_error(capsys, ["evaluate", "--models", str(tmp_path / "grey_vit"), "--dataset_name", str(folder)])
+    assert "has num_channels=1 but its image processor's image_mean differs per channel ([0.1, 0.5, 0.9])" in error
 
 
 def test_every_hint_names_an_option_that_exists(tmp_path, capsys):

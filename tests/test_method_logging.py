@@ -11,6 +11,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from hf_sparse import ToSTTrainer, ToSTTrainingArguments
+from hf_sparse.cli import main as cli_main
 from hf_sparse.logging_utils import get_logger
 
 from tri_level_helpers import tiny_image_dataset, tiny_sparse_vit, with_tiny_transform
@@ -81,6 +82,24 @@ def test_log_level_warning_hides_them(tmp_path):
     assert BANNER not in transformers_messages
 
 
+@pytest.mark.parametrize("log_level", ["info", "warning"])
+def test_a_gradinit_run_logs_its_line_at_info_only(tmp_path, log_level):
+    messages = Collect()
+    logging.getLogger().addHandler(messages)
+    try:
+        args = ToSTTrainingArguments(
+            output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, report_to=[], save_strategy="no",
+            use_cpu=True, disable_tqdm=True, log_level=log_level, mask_method="magnitude", sparsity=0.5,
+            rescaled_init="gradinit", rescaled_init_steps=2,
+        )
+        data = with_tiny_transform(tiny_image_dataset(16), train=False)
+        ToSTTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data).setup_sparsity()
+    finally:
+        logging.getLogger().removeHandler(messages)
+    lines = [message for message in messages.messages if message.startswith("GradInit: 2 steps, held-out loss")]
+    assert len(lines) == (1 if log_level == "info" else 0), messages.messages
+
+
 def test_hf_sparse_messages_reach_stderr_when_logging_is_not_configured(monkeypatch, capsys):
     """As transformers' own messages do: Python's last-resort handler would drop INFO."""
     logger = get_logger("hf_sparse.tests.unconfigured")
@@ -100,3 +119,28 @@ def test_hf_sparse_messages_reach_stderr_when_logging_is_not_configured(monkeypa
 def test_get_logger_refuses_names_outside_hf_sparse():
     with pytest.raises(ValueError, match="`name` must be hf_sparse"):
         get_logger("transformers.trainer")
+
+
+def test_the_train_command_leaves_logging_to_the_log_level(tmp_path, monkeypatch, capsys):
+    """`hf-sparse train` configures no logging of its own: with none configured, the IMP rounds go to stderr as
+    `[hf_sparse] ...` at `log_level: info` (as transformers' messages do), no root handler is added to the caller's
+    process and a level the user gave hf_sparse's logger is kept."""
+    images = tmp_path / "images"
+    for index, example in enumerate(tiny_image_dataset(32)):
+        (images / str(example["label"])).mkdir(parents=True, exist_ok=True)
+        example["image"].save(images / str(example["label"]) / f"{index}.png")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # nothing configured (pytest's capture is off)
+    library_logger = logging.getLogger("hf_sparse")
+    monkeypatch.setattr(library_logger, "level", logging.DEBUG)  # the user's level
+    assert cli_main([
+        "train", "tost", "--dataset_name", str(images), "--num_channels", "1", "--hidden_size", "16",
+        "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "32", "--patch_size", "2",
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "8",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "info",
+        "--mask_method", "lottery_ticket", "--sparsity", "0.36", "--lottery_ticket_round_fraction", "0.5",
+    ]) == 0
+    output = capsys.readouterr()
+    rounds = [line for line in output.err.splitlines() if line.startswith("[hf_sparse] IMP round")]
+    assert [line.split(",")[0] for line in rounds] == ["[hf_sparse] IMP round 1/2", "[hf_sparse] IMP round 2/2"]
+    assert "IMP round" not in output.out
+    assert logging.getLogger().handlers == [] and library_logger.level == logging.DEBUG

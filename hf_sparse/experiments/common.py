@@ -7,10 +7,10 @@ build models and data the same way.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
-import logging
 import os
 import re
 import sys
@@ -34,6 +34,7 @@ from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_image_transforms
 from ..data import load_image_classification_dataset
 from ..logging_utils import get_logger
 from ..models.sparse_vit import SparseViTForImageClassification
+from ..models.sparse_vit.convert_vit import local_folder  # a missing folder is said to be one, not a bad Hub id
 from ..validation import check_choice, check_fraction, check_int
 
 logger = get_logger(__name__)
@@ -129,19 +130,6 @@ class PreparedData:
 
     def image_processor(self):
         return image_processor_for(self.image_size, self.num_channels, self.mean, self.std)
-
-
-def local_folder(name_or_path: str) -> str | None:
-    """`name_or_path` as a local folder (`~` expanded); None for a Hub id. A path-like name (starting with / . or ~,
-    or with a separator but not of the form `namespace/name`) that is no folder is a `FileNotFoundError` saying so,
-    not a Hub error about repo ids."""
-    expanded = os.path.expanduser(name_or_path)
-    if os.path.isdir(expanded):
-        return expanded
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", name_or_path) is not None
-    if name_or_path.startswith(("/", ".", "~")) or not hub_id:
-        raise FileNotFoundError(f"folder {name_or_path!r} does not exist (nor is it a Hub id such as namespace/name).")
-    return None
 
 
 def load_splits(data_args: DataArguments, seed: int = 0, eval_split_flag: str = "eval_split") -> tuple[Any, Any]:
@@ -380,19 +368,37 @@ def load_resumable(path: str | os.PathLike, settings: dict[str, Any], fresh: boo
     return results
 
 
+def escape_help_percents(parser: argparse.ArgumentParser) -> None:
+    """Double each bare `%` in the help texts of `parser` and its sub-parsers: argparse %-formats them (for
+    `%(default)s`), so a field's "10 %" would crash `--help`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_parser in dict.fromkeys(action.choices.values()):
+                escape_help_percents(sub_parser)
+        elif isinstance(action.help, str):
+            action.help = re.sub(r"%%|%(?!\()", "%%", action.help)
+
+
 class ConfigParser(HfArgumentParser):
     """`HfArgumentParser` whose bad flag or value is a `ValueError` (one line on the command line), not argparse's
-    usage of the ~150 training flags."""
+    usage of the ~150 training flags, and whose help texts may hold a bare `%`."""
+
+    def __init__(self, dataclass_types, **kwargs) -> None:
+        super().__init__(dataclass_types, **kwargs)
+        escape_help_percents(self)
 
     def error(self, message: str):
         raise ValueError(f"{message} (see --help).")
 
 
-def parse_config(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
-    """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them. An unknown
-    field (in the YAML or on the command line) or a bad value is a `ValueError` naming it."""
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None,
+                 defaults: dict[str, Any] | None = None) -> tuple:
+    """`CONFIG.yaml [--field value ...]`: the YAML file gives the defaults, command-line flags override them; `defaults`
+    replace fields' own defaults where neither sets the field. An unknown field (in the YAML or on the command line) or
+    a bad value is a `ValueError` naming it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ConfigParser(dataclass_types, prog=prog)
+    parser.set_defaults(**(defaults or {}))
     if argv and not argv[0].startswith("-"):
         argv = _config_flags(argv[0]) + argv[1:]
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -425,21 +431,32 @@ def _flag(key: str, value: Any) -> list[str]:
     return [f"--{key}", str(value)]
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU, ...; only CUDA is asked on torch < 2.6)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def parse_training_config(arguments_class, argv: list[str] | None = None, prog: str | None = None) -> tuple:
+    """`CONFIG.yaml [--field value ...]` as (`ModelArguments`, `DataArguments`, `arguments_class`). Without an
+    accelerator `use_cpu` defaults to true, which lets `accelerate launch` form a gloo group of CPU processes; it is
+    decided before the training arguments are built (they set up the device) and a `use_cpu` given in the YAML or as
+    a flag (`--use_cpu` or `--use-cpu`) wins."""
+    defaults = {} if has_accelerator() else {"use_cpu": True}
+    return parse_config((ModelArguments, DataArguments, arguments_class), argv, prog, defaults=defaults)
+
+
 def train_from_config(trainer_class, arguments_class, argv: list[str] | None = None, metrics=None,
                       prog: str | None = None):
-    """What `hf-sparse train` and `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]` into `ModelArguments`, `DataArguments` and
-    `arguments_class`, build the data and the model (`model_type`), train (resuming if asked), evaluate, and save the model, its
-    card, the metrics and the trainer state. `metrics(trainer)` adds to the evaluation metrics. Returns the trainer."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available() and "--use_cpu" not in argv:
-        argv += ["--use_cpu", "true"]  # before the arguments are built: lets `accelerate launch` form a gloo group
-    model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, arguments_class), argv, prog)
+    """What `hf-sparse train` and `recipes/*.py` run: parse `CONFIG.yaml [--field value ...]`
+    (`parse_training_config`), build the data and the model (`model_type`), train (resuming if asked), evaluate, and
+    save the model, its card, the metrics and the trainer state. `metrics(trainer)` adds to the evaluation metrics.
+    What the methods do (IMP rounds, mask sparsity, ghosts) is logged as transformers logs, at the Trainer's
+    `log_level` (`hf_sparse.logging_utils`). Returns the trainer."""
+    model_args, data_args, training_args = parse_training_config(arguments_class, argv, prog)
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True  # the newest whole checkpoint in output_dir
-    # Per-layer sparsity, IMP rounds, ghost removal and such are logged by hf_sparse (main process).
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
-    logging.getLogger("hf_sparse").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     data = prepare_data(data_args, seed=training_args.seed)
     # Tri-Level's final keep ratios become the model's own at construction (ToST's arguments have none).
     model = build_model(model_args, data, training_args.seed,

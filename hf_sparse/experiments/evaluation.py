@@ -81,8 +81,9 @@ def _grey_processor_check(model_name: str, processor) -> None:
     for name in ("image_mean", "image_std"):
         values = getattr(processor, name, None)
         if isinstance(values, (list, tuple)) and len(set(values)) > 1:
+            shown = ", ".join(f"{value:g}" for value in values)  # saved as float32: 0.1 reads 0.10000000149
             raise ValueError(f"{model_name} has num_channels=1 but its image processor's {name} differs per channel "
-                             f"({list(values)}): give it one value repeated over the three channels.")
+                             f"([{shown}]): give it one value repeated over the three channels.")
 
 
 def _pipeline(model_name: str, data):

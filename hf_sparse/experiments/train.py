@@ -60,28 +60,22 @@ def train(method: str, argv: list[str]):
                              prog=f"hf-sparse train {method}")
 
 
-def run(method: str, argv: list[str] | None = None) -> int:
-    """`hf-sparse train METHOD ...` through the command line's error handling (one line and exit 2 on bad input)."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hf_sparse.experiments.train METHOD CONFIG ...` (what `accelerate launch -m` runs on each process):
+    `hf-sparse train` with the command line's error handling (one line and exit 2 on bad input)."""
     from ..cli import main as cli_main
 
-    return cli_main(["train", method, *(sys.argv[1:] if argv is None else argv)])
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main_tri_level(argv: list[str] | None = None) -> int:
     """`recipes/tri_level.py`: `hf-sparse train tri-level` with the script's arguments."""
-    return run("tri-level", argv)
+    return main(["tri-level", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main_tost(argv: list[str] | None = None) -> int:
     """`recipes/tost.py`: `hf-sparse train tost` with the script's arguments."""
-    return run("tost", argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m hf_sparse.experiments.train METHOD CONFIG ...`, what `accelerate launch -m` runs on each process."""
-    from ..cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return main(["tost", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def load_source_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, torch
     """(config dict, on-disk state dict) of a model object, a local checkpoint directory or a Hub repo id (fetched
     like `from_pretrained` does: the cache, `HF_ENDPOINT`, offline mode and tokens apply)."""
     if isinstance(source, (str, os.PathLike)):
-        folder = _local_folder(str(source))
+        folder = local_folder(str(source))
         if folder is None:
             from huggingface_hub import snapshot_download
 
@@ -143,7 +143,7 @@ def load_source_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, torch
     )
 
 
-def _local_folder(name_or_path: str) -> str | None:
+def local_folder(name_or_path: str) -> str | None:
     """`name_or_path` as a local folder (`~` expanded), or None for a Hub id. A path-like name (starting with / . or ~,
     or not of the form `namespace/name`) that is no folder is said to be a missing folder, not a bad repo id."""
     expanded = os.path.expanduser(name_or_path)
