@@ -366,7 +366,7 @@ class ToSTTrainer(SparseTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if get_masks(self.unwrapped_model):
-            reapply(self.unwrapped_model)  # exact zeros in the saved weights, whatever wrote them
+            reapply(self.unwrapped_model, exact=True)  # exact zeros in the saved weights, whatever wrote them
         super().save_model(output_dir, _internal_call)
 
     def save_method_state(self, directory: str) -> None:
