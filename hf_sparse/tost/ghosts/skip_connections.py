@@ -81,7 +81,33 @@ def ghost_skip_alpha(progress: float, alpha_0: float = 1.0, schedule: str = "lin
     return alpha_0 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class GhostSkips:
+class _AnnealedHooks:
+    """What both ghost-skip forms share: alpha from the schedule at the run's progress, and the hooks that add it."""
+
+    _hooks: list[RemovableHandle]
+
+    def _init_schedule(self, alpha_0: float, schedule: str, progress: float) -> None:
+        check_positive("alpha_0", alpha_0, allow_zero=True)
+        check_choice("schedule", schedule, GHOST_SKIP_SCHEDULES)
+        self.alpha_0 = float(alpha_0)
+        self.schedule = schedule
+        self.set_progress(progress)
+
+    def set_progress(self, progress: float) -> None:
+        self.alpha = ghost_skip_alpha(progress, self.alpha_0, self.schedule)
+        self.progress = float(progress)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+class GhostSkips(_AnnealedHooks):
     """Forward hooks adding alpha * G(x) to the output of each target layer (see module docstring)."""
 
     def __init__(
@@ -91,25 +117,9 @@ class GhostSkips:
         schedule: str = "linear",
         progress: float = 0.0,
     ) -> None:
-        check_positive("alpha_0", alpha_0, allow_zero=True)
-        check_choice("schedule", schedule, GHOST_SKIP_SCHEDULES)
-        self.alpha_0 = float(alpha_0)
-        self.schedule = schedule
-        self.alpha = 0.0
-        self.progress = 0.0
-        self.set_progress(progress)
+        self._init_schedule(alpha_0, schedule, progress)
         self.module_names = list(modules)
-        self._hooks: list[RemovableHandle] = [
-            module.register_forward_hook(self._hook, with_kwargs=True) for module in modules.values()
-        ]
-
-    def set_progress(self, progress: float) -> None:
-        self.alpha = ghost_skip_alpha(progress, self.alpha_0, self.schedule)
-        self.progress = float(progress)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._hooks)
+        self._hooks = [module.register_forward_hook(self._hook, with_kwargs=True) for module in modules.values()]
 
     def _hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
@@ -125,9 +135,7 @@ class GhostSkips:
 
     def remove(self) -> None:
         """Delete the hooks (idempotent)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._remove_hooks()
 
 
 GHOST_BRANCH_INIT = 1e-4
@@ -169,7 +177,7 @@ def _is_spatial_convolution(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and any(size > 1 for size in module.kernel_size)
 
 
-class ConvGhostBranches(nn.Module):
+class ConvGhostBranches(_AnnealedHooks, nn.Module):
     """The CNN ghost skips (see module docstring): one `GhostBranch` per k x k convolution, added after the
     normalisation that follows it, scaled by alpha. Holds the branches (`branches`, keyed by the convolution's name
     with dots as "__"); the model holds only hooks."""
@@ -184,19 +192,13 @@ class ConvGhostBranches(nn.Module):
         init_value: float = GHOST_BRANCH_INIT,
     ) -> None:
         super().__init__()
-        check_positive("alpha_0", alpha_0, allow_zero=True)
-        check_choice("schedule", schedule, GHOST_SKIP_SCHEDULES)
+        self._init_schedule(alpha_0, schedule, progress)
         if not convolution_names:
             raise ValueError("ConvGhostBranches needs at least one k x k (k > 1) nn.Conv2d to wrap.")
-        self.alpha_0 = float(alpha_0)
-        self.schedule = schedule
-        self.alpha = 0.0
-        self.progress = 0.0
-        self.set_progress(progress)
         self.module_names = list(convolution_names)
         self.branches = nn.ModuleDict()
         self._inputs: dict[str, torch.Tensor] = {}
-        self._hooks: list[RemovableHandle] = []
+        self._hooks = []
         for name in self.module_names:
             convolution = model.get_submodule(name)
             if not _is_spatial_convolution(convolution):
@@ -211,14 +213,6 @@ class ConvGhostBranches(nn.Module):
             join = _join_module(model, name, convolution)
             self._hooks.append(convolution.register_forward_pre_hook(self._capture(key)))
             self._hooks.append(join.register_forward_hook(self._add(key)))
-
-    def set_progress(self, progress: float) -> None:
-        self.alpha = ghost_skip_alpha(progress, self.alpha_0, self.schedule)
-        self.progress = float(progress)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._hooks)
 
     def _capture(self, key: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -244,9 +238,7 @@ class ConvGhostBranches(nn.Module):
 
     def remove(self) -> None:
         """Delete the hooks (idempotent); the branches go with this object."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._remove_hooks()
         self._inputs.clear()
 
 
