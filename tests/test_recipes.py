@@ -115,7 +115,8 @@ def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_pat
 
 
 def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
-    from hf_sparse.experiments.bench_tost import FAMILIES, VANILLA, ToSTBenchArguments, plan_grid, technique_arguments
+    from hf_sparse.experiments.bench_tost import ToSTBenchArguments, plan_grid
+    from hf_sparse.experiments.tost_grid import FAMILIES, VANILLA, technique_arguments
 
     resnet = FAMILIES["resnet"]
     # each part switches on its own technique at the value it has alone; the rest stays vanilla
