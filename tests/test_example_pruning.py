@@ -21,7 +21,16 @@ from hf_sparse.tri_level import (
     plan_refresh_epochs,
 )
 from hf_sparse.tri_level.example_pruning import InfoBatchFixedSizeExamplePruner
-from hf_sparse.tri_level.example_pruning.pruner import _PendingRecord
+from hf_sparse.tri_level.example_pruning.deferred import (
+    CORRECT_COLUMN,
+    INDEX_COLUMN,
+    LOSS_COLUMN,
+    NUM_STATISTICS,
+    VARIANCE_COLUMN,
+    DeferredRecords,
+    _PendingRecord,
+    pack_statistics,
+)
 
 METHOD_FIELDS = {
     "forgetting": {"inactive_fraction": 0.2, "swap_fraction": 0.05},
@@ -212,6 +221,52 @@ def test_queued_records_reach_every_save_and_a_load_replaces_them(monkeypatch, t
     pruner.record_async(order, torch.ones(16, dtype=torch.bool), torch.arange(16.0))
     pruner.load(tmp_path)  # the saved state replaces what was recorded after it
     assert pruner.num_pending == 0 and pruner.samples_recorded == 16
+
+
+def test_packed_statistics_have_one_layout_and_the_queue_applies_them_unchanged(monkeypatch):
+    # The trainer packs once (pack_statistics) and the pruner takes the packed tensor as it is: named columns, float64
+    # (an index above 2**24, where float32 would round it, survives), a missing variance is NaN and ignored.
+    indices, correct = torch.tensor([2**24 + 1, 3]), torch.tensor([True, False])
+    loss, variance = torch.tensor([0.5, 1.5]), torch.tensor([0.25, 0.75])
+    packed = pack_statistics(indices, correct, loss, variance)
+    assert packed.dtype == torch.float64 and packed.shape == (2, NUM_STATISTICS)
+    assert packed[:, INDEX_COLUMN].long().tolist() == indices.tolist()
+    assert packed[:, CORRECT_COLUMN].tolist() == [1.0, 0.0]
+    assert packed[:, LOSS_COLUMN].tolist() == loss.tolist() and packed[:, VARIANCE_COLUMN].tolist() == variance.tolist()
+    assert pack_statistics(indices, correct, loss)[:, VARIANCE_COLUMN].isnan().all()
+
+    monkeypatch.setattr(_PendingRecord, "ready", lambda self: False)  # copies in flight: applied only by flush
+    received = []
+    queue = DeferredRecords(lambda *columns: received.append(columns))
+    queue.push(packed, has_variance=True)
+    queue.push(pack_statistics(indices, correct, loss), has_variance=False)
+    assert len(queue) == 2 and not received
+    queue.flush()
+    assert len(queue) == 0 and [columns[3] is None for columns in received] == [False, True]
+    got_indices, got_correct, got_loss, got_variance = received[0]
+    assert got_indices.long().tolist() == indices.tolist() and got_correct.tolist() == correct.tolist()
+    assert got_loss.tolist() == loss.tolist() and got_variance.tolist() == variance.tolist()
+    with pytest.raises(ValueError, match="float64 of shape"):
+        queue.push(packed.float(), has_variance=True)
+    with pytest.raises(ValueError, match="float64 of shape"):
+        queue.push(packed[:, :3], has_variance=True)
+
+
+def test_record_packed_async_equals_record():
+    direct, packed = (ForgettingExamplePruner(40, seed=0, swap_fraction=0.1) for _ in range(2))
+    order = direct.epoch_indices(0)
+    packed.epoch_indices(0)
+    generator = torch.Generator().manual_seed(1)
+    for position, batch in enumerate(order.split(8)):
+        correct = torch.rand(batch.numel(), generator=generator) < 0.5
+        loss, variance = torch.rand(batch.numel(), generator=generator), torch.rand(batch.numel(), generator=generator)
+        variance = None if position % 2 else variance
+        direct.record(batch, correct, loss, variance)
+        packed.record_packed_async(pack_statistics(batch, correct, loss, variance), has_variance=variance is not None)
+    packed.flush()
+    for key, value in direct.state_dict().items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(packed.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 def test_loss_weights_stay_on_the_device_and_follow_each_epochs_table():

@@ -41,6 +41,7 @@ from .example_pruning import (
     IndexedDataset,
     InfoBatchExamplePruner,
     build_example_pruner,
+    pack_statistics,
 )
 from .schedule import KeepRatioScheduleCallback
 
@@ -303,26 +304,19 @@ class TriLevelTrainer(SparseTrainer):
 
     @torch.no_grad()
     def _stash_statistics(self, example_index, logits, labels, per_example_loss, cls_variance) -> None:
-        """Keep this batch's statistics on the device until the step's backward is queued (`_record_statistics`)."""
+        """Keep this batch's statistics, packed on the device (`pack_statistics`: one tensor to gather across ranks),
+        until the step's backward is queued (`_record_statistics`)."""
         correct = logits.argmax(dim=-1) == labels.to(logits.device)
-        has_variance = cls_variance is not None
-        if not has_variance:
-            cls_variance = torch.full_like(per_example_loss, float("nan"))
-        # float64: the example index stays exact (below 2**53) in the one tensor gathered across ranks
-        statistics = torch.stack(
-            (example_index.to(per_example_loss.device).double(), correct.double(), per_example_loss.detach().double(),
-             cls_variance.detach().double()), dim=1)
-        self._unrecorded_statistics.append((statistics, has_variance))
+        statistics = pack_statistics(example_index, correct, per_example_loss, cls_variance)
+        self._unrecorded_statistics.append((statistics, cls_variance is not None))
 
     def _record_statistics(self) -> None:
         """Gather the stashed statistics from every rank (so all ranks update the same global state) and queue them
-        for the pruner without waiting for the device (`ExamplePruner.record_async`)."""
+        for the pruner, still packed, without waiting for the device (`ExamplePruner.record_packed_async`)."""
         while self._unrecorded_statistics:
             statistics, has_variance = self._unrecorded_statistics.pop(0)
             statistics = self.accelerator.gather(statistics)
-            self.example_pruner.record_async(
-                statistics[:, 0], statistics[:, 1] != 0, statistics[:, 2], statistics[:, 3] if has_variance else None
-            )
+            self.example_pruner.record_packed_async(statistics, has_variance)
             self._samples_seen += statistics.shape[0]
             self._samples_since_log += statistics.shape[0]
 

@@ -11,14 +11,15 @@ its steps, and notes them (:meth:`ExamplePruner.note_optimizer_steps`) so that t
 progress survive a resume. :attr:`ExamplePruner.epoch_sizes` keeps the size of every planned epoch.
 
 Distributed training: every process holds a full pruner; epoch orders depend only on (seed, epoch, state), and the
-trainer must call :meth:`ExamplePruner.record` (or :meth:`ExamplePruner.record_async`) on every rank with the
-statistics gathered from all ranks, so all copies stay identical (unlike the reference code, whose per-rank subsets
-and statistics undo the sparsity on several GPUs).
+trainer must call :meth:`ExamplePruner.record` (or :meth:`ExamplePruner.record_async` /
+:meth:`ExamplePruner.record_packed_async`) on every rank with the statistics gathered from all ranks, so all copies
+stay identical (unlike the reference code, whose per-rank subsets and statistics undo the sparsity on several GPUs).
 
 Accelerators: nothing a training step calls waits for the device. :meth:`ExamplePruner.loss_weights` indexes a copy
-of the weight table kept on the batch's device; :meth:`ExamplePruner.record_async` starts a non-blocking copy of the
-statistics to the host and applies it later, in order, before anything reads the statistics (planning an epoch, a
-refresh, saving, :meth:`ExamplePruner.flush`).
+of the weight table kept on the batch's device; :meth:`ExamplePruner.record_async` packs the statistics into one
+tensor and queues it (the packed layout and the queue are in ``deferred.py``): its copy to the host starts
+non-blocking and it is applied later, in order, before anything reads the statistics (planning an epoch, a refresh,
+saving, :meth:`ExamplePruner.flush`).
 
 Checkpoints: :meth:`ExamplePruner.save` writes ``<prefix>.safetensors`` (tensors) and ``<prefix>.json`` (scalars and
 the configuration); :meth:`ExamplePruner.load` reads them back without pickle.
@@ -30,7 +31,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ...logging_utils import get_logger
 from ...validation import check_fraction, check_int
+from .deferred import DeferredRecords, pack_statistics
 
 logger = get_logger(__name__)
 
@@ -46,20 +48,6 @@ StateValue = torch.Tensor | int | float | str
 FORMAT_VERSION = 2
 # Stream identifiers for the per-purpose random generators (see ExamplePruner._generator).
 STREAM_INIT, STREAM_ORDER, STREAM_SUBSET, STREAM_REFRESH = 0, 1, 2, 3
-# Columns of a batch's statistics packed for one device-to-host copy (float64 holds every index below 2**53 exactly).
-_INDEX, _CORRECT, _LOSS, _VARIANCE = range(4)
-
-
-class _PendingRecord(NamedTuple):
-    """A batch's statistics on their way to the host: `record_async` queued them, `flush` applies them."""
-
-    statistics: torch.Tensor  # (B, 4) float64 on the host, columns _INDEX.._VARIANCE; filled once `copied` is done
-    copied: torch.Event | None  # None: already on the host
-    has_variance: bool
-
-    def ready(self) -> bool:
-        return self.copied is None or self.copied.query()
-
 
 class ExamplePruner:
     """Base class: per-example statistics, epoch planning, loss weights, state round trip.
@@ -105,7 +93,7 @@ class ExamplePruner:
         self._weights: torch.Tensor | None = None  # per-example loss weights of the current epoch
         # (`_weights`, its copy on the training device), so a step indexes the table where the batch is
         self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._pending: list[_PendingRecord] = []  # records not applied yet, oldest first (see record_async)
+        self._deferred = DeferredRecords(self._record)  # batches queued by record_async, not applied yet
         self._epoch_sizes: list[int] = []  # examples of each planned epoch, by epoch (-1: skipped, never planned)
         self._optimizer_steps: list[int] = []  # the trainer's optimizer steps of each epoch (see note_optimizer_steps)
         self.num_epochs: int | None = None  # the run's length, once planned (see plan_run)
@@ -256,55 +244,30 @@ class ExamplePruner:
         loss: torch.Tensor,
         cls_attention_variance: torch.Tensor | None = None,
     ) -> None:
-        """:meth:`record` without waiting for the device (the arguments are the same).
+        """:meth:`record` without waiting for the device (the arguments are the same): packs the batch
+        (:func:`~.deferred.pack_statistics`) and queues it with :meth:`record_packed_async`."""
+        statistics = pack_statistics(indices, correct, loss, cls_attention_variance)
+        self.record_packed_async(statistics, has_variance=cls_attention_variance is not None)
 
-        The statistics are packed into one tensor whose copy to the host starts now, non-blocking;
-        they are applied in the order they were queued, as soon as their copy has finished (checked
-        at each call, never waited for) and at the latest when something reads the statistics:
-        :meth:`epoch_indices`, :meth:`active_mask`, :meth:`summary`, :meth:`state_dict` (so every
-        save), :meth:`record` or :meth:`flush`. Read the statistic tensors themselves after
-        :meth:`flush`.
+    def record_packed_async(self, statistics: torch.Tensor, has_variance: bool) -> None:
+        """Queue a batch packed by :func:`~.deferred.pack_statistics` (``has_variance`` False: its variance column
+        is ignored) without waiting for the device.
+
+        Its copy to the host starts now, non-blocking; queued batches are applied in order, as soon as their copy
+        has finished (checked at each call, never waited for) and at the latest when something reads the
+        statistics: :meth:`epoch_indices`, :meth:`active_mask`, :meth:`summary`, :meth:`state_dict` (so every
+        save), :meth:`record` or :meth:`flush`. Read the statistic tensors themselves after :meth:`flush`.
         """
-        packed = torch.stack(
-            [
-                indices.detach().reshape(-1).double(),
-                correct.detach().reshape(-1).double(),
-                loss.detach().reshape(-1).double(),
-                (torch.full_like(loss, float("nan")) if cls_attention_variance is None else cls_attention_variance)
-                .detach().reshape(-1).double(),
-            ],
-            dim=1,
-        )
-        if packed.device.type == "cpu":
-            self._pending.append(_PendingRecord(packed, None, cls_attention_variance is not None))
-        else:
-            host = packed.to("cpu", non_blocking=True)  # pinned by torch for CUDA sources
-            copied = torch.Event(device=packed.device)
-            copied.record()
-            self._pending.append(_PendingRecord(host, copied, cls_attention_variance is not None))
-        self._apply_pending(wait=False)
+        self._deferred.push(statistics, has_variance)
 
     def flush(self) -> None:
         """Apply every batch queued by :meth:`record_async` (waiting for their copies to the host)."""
-        self._apply_pending(wait=True)
+        self._deferred.flush()
 
     @property
     def num_pending(self) -> int:
         """Batches queued by :meth:`record_async` and not applied yet."""
-        return len(self._pending)
-
-    def _apply_pending(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0].ready()):
-            pending = self._pending.pop(0)
-            if pending.copied is not None:
-                pending.copied.synchronize()
-            columns = pending.statistics
-            self._record(
-                columns[:, _INDEX],
-                columns[:, _CORRECT] != 0,
-                columns[:, _LOSS],
-                columns[:, _VARIANCE] if pending.has_variance else None,
-            )
+        return len(self._deferred)
 
     def _record(
         self,
@@ -462,7 +425,7 @@ class ExamplePruner:
         optimizer_steps = torch.as_tensor(state_dict.get("optimizer_steps_per_epoch", [])).tolist()
         weights = state_dict.get("epoch_weights")
         self.samples_recorded = int(state_dict.get("samples_recorded", 0))
-        self._pending.clear()
+        self._deferred.clear()
         self._epoch, self._order = epoch, order
         self._epoch_sizes = [int(size) for size in epoch_sizes]
         self._optimizer_steps = [int(steps) for steps in optimizer_steps]
