@@ -21,6 +21,16 @@ except ImportError:  # `tests` imported as a package
     from tests.hub_server import HubServer, serve_hub
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and a busy shared machine makes two spinning OpenMP threads crawl
+    (use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
     """A local, in-memory Hub on 127.0.0.1 that the real `huggingface_hub` / `transformers` clients talk to.

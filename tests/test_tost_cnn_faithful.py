@@ -18,12 +18,7 @@ from hf_sparse.tost.masks import DEFAULT_PRUNABLE_PATTERNS, find_prunable_layers
 from tri_level_helpers import StopAt, tiny_image_dataset, tiny_resnet, with_tiny_transform
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

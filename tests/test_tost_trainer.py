@@ -44,13 +44,7 @@ PAPER_RECIPE = dict(ghost_soft_neurons=True, ghost_skip_connections=True, ghost_
                     rescaled_init="gradinit", rescaled_init_steps=2, label_smoothing=0.1)  # 180 by default: slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy shared machine makes two spinning OpenMP threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
