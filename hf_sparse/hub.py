@@ -76,12 +76,34 @@ def _setting(report: TrainingReport, name: str) -> Any:
     return next((value for key, value in report.settings.items() if key.replace("_", " ") == name), None)
 
 
-def _token_pruning(model) -> str | None:
+def _prunes_tokens(model) -> bool:
     config = model.config
-    if not _is_sparse_vit(model) or config.token_keep_ratio >= 1 or not config.token_pruning_layers:
+    return _is_sparse_vit(model) and config.token_keep_ratio < 1 and bool(config.token_pruning_layers)
+
+
+def _random_token_selection(model) -> bool:
+    """Whether training kept a uniform random subset at the pruning layers (the control), not the CLS-attended one."""
+    return _prunes_tokens(model) and getattr(model.config, "token_selection", "cls_attention") == "random"
+
+
+def _patch_dropout_keep_ratio(model) -> float | None:
+    """PatchDropout's keep ratio where it was on (below 1.0), else None."""
+    keep_ratio = getattr(model.config, "patch_dropout_keep_ratio", 1.0) if _is_sparse_vit(model) else 1.0
+    return keep_ratio if keep_ratio < 1 else None
+
+
+def _token_pruning(model) -> str | None:
+    if not _prunes_tokens(model):
         return None
+    config = model.config
     layers = ", ".join(str(index) for index in config.token_pruning_layers)
-    return f"token pruning (keep ratio {config.token_keep_ratio:g} in layers {layers})"
+    selection = " with random selection" if _random_token_selection(model) else ""  # the default (CLS) goes unsaid
+    return f"token pruning{selection} (keep ratio {config.token_keep_ratio:g} in layers {layers})"
+
+
+def _patch_dropout(model) -> str | None:
+    keep_ratio = _patch_dropout_keep_ratio(model)
+    return None if keep_ratio is None else f"PatchDropout (keep {keep_ratio:g} of the patches in training)"
 
 
 def _attention_sparsity(model) -> str | None:
@@ -102,9 +124,12 @@ def _tri_level_sentence(model, report: TrainingReport) -> str:
         _attention_sparsity(model),
     ]
     levels = [level for level in levels if level]
+    patch_dropout = _patch_dropout(model)
     if not levels:
+        if patch_dropout:  # not a Tri-Level level, but sparsity that ran: the card must not say "dense"
+            return f"{patch_dropout}, with the three Tri-Level E-ViT levels off."
         return "Tri-Level E-ViT training with all three levels off (dense training)."
-    return f"Tri-Level E-ViT training with {_join(levels)}."
+    return f"Tri-Level E-ViT training with {_join(levels + [patch_dropout] if patch_dropout else levels)}."
 
 
 def _tost_sentence(model, report: TrainingReport) -> str:
@@ -119,6 +144,7 @@ def _tost_sentence(model, report: TrainingReport) -> str:
         "ghost skip connections" if _setting(report, "ghost skip connections") else None,
         f"rescaled init ({rescaled_init})" if rescaled_init not in (None, "none") else None,
         f"label smoothing {label_smoothing:g}" if label_smoothing else None,
+        _patch_dropout(model),  # a SparseViT trained with ToST may also drop patches
     ]
     techniques = [technique for technique in techniques if technique]
     if not techniques:
@@ -128,30 +154,37 @@ def _tost_sentence(model, report: TrainingReport) -> str:
 
 def method_sentence(model, report: TrainingReport) -> str:
     """The card's summary of how the model was trained: only the techniques that were on, read from the model's
-    config (token and attention keep ratios, `weight_sparsity`) and the report's settings."""
+    config (token and attention keep ratios, a non-default token selection, PatchDropout, `weight_sparsity`) and the
+    report's settings."""
     if report.method == "tri_level":
         return _tri_level_sentence(model, report)
     if report.method == "tost":
         return _tost_sentence(model, report)
     if report.method == "dense":
-        return DENSE_SENTENCE
+        patch_dropout = _patch_dropout(model)
+        return f"training with {patch_dropout}." if patch_dropout else DENSE_SENTENCE
     return f"{report.method}."
 
 
 def sparsity_settings(model, report: TrainingReport | None) -> list[tuple[str, str]]:
-    """The card's settings table: SparseViT's token and attention sparsity, the weight mask recorded in
-    `config.weight_sparsity` (ToSTTrainer writes it), and the training method's settings, each label once (the
-    first source wins)."""
+    """The card's settings table: SparseViT's token and attention sparsity (a random token selection and PatchDropout
+    only where they were on), the weight mask recorded in `config.weight_sparsity` (ToSTTrainer writes it), and the
+    training method's settings, each label once (the first source wins)."""
     config = model.config
     rows = []
     if _is_sparse_vit(model):
         rows = [("token keep ratio", f"{config.token_keep_ratio:g}")]
         if config.token_keep_ratio < 1:  # the layers are the config's default even where no token is pruned
             rows.append(("token pruning layers", ", ".join(str(i) for i in config.token_pruning_layers) or "none"))
+        if _random_token_selection(model):  # the default, CLS attention, goes unsaid
+            rows.append(("token selection", "random (in training; evaluation ranks by CLS attention)"))
         rows += [
             ("token fusion", "on" if config.token_fusion else "off"),
             ("attention keep ratio", f"{config.attention_keep_ratio:g}"),
         ]
+        patch_dropout_keep_ratio = _patch_dropout_keep_ratio(model)
+        if patch_dropout_keep_ratio is not None:
+            rows.append(("patch dropout keep ratio", f"{patch_dropout_keep_ratio:g} (training only)"))
     weight_sparsity = getattr(config, "weight_sparsity", None)
     if weight_sparsity:
         rows += [(f"weight mask {key.replace('_', ' ')}", str(value)) for key, value in weight_sparsity.items()]

@@ -327,3 +327,37 @@ def test_a_tri_level_card_with_token_pruning_alone_names_only_token_pruning(tmp_
     summary, labels = card_summary_and_rows(hf_sparse.hub.build_model_card(dense.model, dense.training_report()))
     assert "all three levels off" in summary and "token/attention schedule" not in labels
     assert "token pruning layers" not in labels  # the config's default layers, but no token was pruned
+
+
+def tri_level_card(model, tmp_path) -> tuple[str, list[str], str]:
+    """The summary, the settings labels and the whole text of a Tri-Level trainer's card for `model`."""
+    from hf_sparse import TriLevelTrainingArguments
+
+    args = TriLevelTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                     token_keep_ratio=model.config.token_keep_ratio)
+    trainer = TriLevelTrainer(model=model, args=args)
+    card = hf_sparse.hub.build_model_card(trainer.model, trainer.training_report())
+    return (*card_summary_and_rows(card), card.text)
+
+
+def test_a_card_says_random_token_selection_and_patch_dropout_only_where_they_ran(tmp_path):
+    summary, labels, text = tri_level_card(tiny_sparse_vit(token_keep_ratio=0.5, token_selection="random"), tmp_path)
+    assert "token pruning with random selection (keep ratio 0.5 in layers 0, 1)" in summary
+    assert "token selection | random" in text
+    assert "PatchDropout" not in text and "patch dropout keep ratio" not in labels
+
+    summary, labels, text = tri_level_card(tiny_sparse_vit(patch_dropout_keep_ratio=0.49), tmp_path)
+    assert "PatchDropout (keep 0.49 of the patches in training)" in summary and "dense" not in summary
+    assert "patch dropout keep ratio | 0.49" in text and "token selection" not in labels
+
+    both = tiny_sparse_vit(token_keep_ratio=0.5, patch_dropout_keep_ratio=0.49)
+    summary, _, _ = tri_level_card(both, tmp_path)
+    assert "token pruning (keep ratio 0.5 in layers 0, 1) and PatchDropout (keep 0.49" in summary
+    summary = hf_sparse.hub.method_sentence(both, TrainingReport())  # a report-less card (a plain Trainer's model)
+    assert "PatchDropout (keep 0.49" in summary and "no sparsity" not in summary
+
+    # the defaults (CLS-attention selection, PatchDropout off) go unsaid; random selection without pruning never ran
+    for model in (tiny_sparse_vit(token_keep_ratio=0.5), tiny_sparse_vit(token_selection="random")):
+        summary, labels, text = tri_level_card(model, tmp_path)
+        assert "random" not in text and "PatchDropout" not in text and "patch dropout" not in text.lower()
+        assert "token selection" not in labels and "cls_attention" not in text
