@@ -1,4 +1,5 @@
-"""Two ranks on CPU through `accelerate launch` (gloo): the global active set and checkpoints written once."""
+"""Two ranks on CPU through `accelerate launch` (gloo): the global active set, InfoBatch's per-epoch plans, and
+checkpoints written once."""
 
 from __future__ import annotations
 
@@ -44,6 +45,30 @@ def test_tri_level_two_ranks_share_one_global_active_set(tmp_path):
         assert (checkpoint / "example_pruning.safetensors").exists()
         # written once, by the main process: one model file, one pruning state
         assert len(list(checkpoint.glob("model*.safetensors"))) == 1
+
+
+@pytest.mark.slow
+def test_infobatch_two_ranks_plan_the_same_varying_epochs_and_end_the_schedule(tmp_path):
+    first, second = launch_two_ranks("infobatch", tmp_path)
+    assert [first["world_size"], second["world_size"]] == [2, 2]
+    # both ranks planned every epoch alike from the gathered losses: sizes, steps, order, scores
+    assert first["epoch_sizes"] == second["epoch_sizes"] and len(first["epoch_sizes"]) == 4
+    assert first["optimizer_steps_per_epoch"] == second["optimizer_steps_per_epoch"]
+    assert first["epoch_order"] == second["epoch_order"]
+    assert first["last_loss"] == second["last_loss"]
+    sizes, steps = first["epoch_sizes"], first["optimizer_steps_per_epoch"]
+    # the first epoch has no scores and trains everything; a later one left well-learned examples out;
+    # the last (after delta = 0.75 of the run) trains everything again
+    assert sizes[0] == sizes[-1] == first["num_examples"] == 64
+    assert min(sizes) < first["num_examples"]
+    # each epoch's examples over 2 ranks x 4 per step (the last batch may be partial)
+    assert steps == [-(-size // 8) for size in sizes]
+    # the Trainer's step count followed the planned epochs, and the schedule ended exactly at the run's end
+    assert first["global_step"] == first["max_steps"] == sum(steps)
+    assert second["global_step"] == second["max_steps"] == sum(steps)
+    assert first["final_learning_rate"] == second["final_learning_rate"] == 0.0
+    assert first["losses"] == pytest.approx(second["losses"], rel=1e-6)  # logged losses are averaged over ranks
+    assert first["weights_checksum"] == pytest.approx(second["weights_checksum"], rel=1e-6)  # DDP kept them in sync
 
 
 @pytest.mark.slow

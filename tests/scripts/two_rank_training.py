@@ -29,6 +29,8 @@ def main(trainer_name: str, output_dir: str) -> None:
     data = with_tiny_transform(tiny_image_dataset(64), train=False)
     if trainer_name in ("tost", "tost_resnet"):
         return main_tost(data, output_dir, resnet=trainer_name == "tost_resnet")
+    if trainer_name == "infobatch":
+        return main_infobatch(data, output_dir)
     if trainer_name != "tri_level":
         raise SystemExit(f"unknown trainer {trainer_name}")
     args = TriLevelTrainingArguments(
@@ -54,6 +56,37 @@ def main(trainer_name: str, output_dir: str) -> None:
         "last_loss": sum(losses[-4:]) / 4,
         "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
         **ddp_settings(trainer),
+    }
+    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+
+
+def main_infobatch(data, output_dir: str) -> None:
+    """InfoBatch itself: epochs vary in size, planned per epoch from losses gathered across ranks."""
+    # delta 0.75 of 4 epochs: epochs 1-2 (0-based) may prune, the last one trains everything (InfoBatch's annealing)
+    args = TriLevelTrainingArguments(
+        output_dir=output_dir, num_train_epochs=4, per_device_train_batch_size=4, learning_rate=3e-3,
+        lr_scheduler_type="linear", save_strategy="no", logging_steps=1, report_to=[], seed=0, disable_tqdm=True,
+        use_cpu=True, example_pruning="infobatch", infobatch_delta=0.75, token_keep_ratio=1.0,
+        attention_keep_ratio=1.0,
+    )
+    trainer = TriLevelTrainer(model=tiny_sparse_vit(), args=args, train_dataset=data)
+    trainer.train()
+    pruner = trainer.example_pruner
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record = {
+        "rank": trainer.accelerator.process_index,
+        "world_size": trainer.accelerator.num_processes,
+        "num_examples": len(data),
+        "epoch_sizes": pruner.epoch_sizes,
+        "optimizer_steps_per_epoch": pruner.optimizer_steps_per_epoch,
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "final_learning_rate": trainer.lr_scheduler.get_last_lr()[0],
+        "epoch_order": pruner.epoch_indices(pruner.current_epoch).tolist(),
+        "last_loss": pruner.last_loss.tolist(),
+        "losses": losses,
+        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }
     with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle)
