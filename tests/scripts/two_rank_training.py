@@ -16,6 +16,18 @@ from tri_level_helpers import tiny_image_dataset, tiny_resnet, tiny_sparse_vit, 
 from hf_sparse import ToSTTrainer, ToSTTrainingArguments, TriLevelTrainer, TriLevelTrainingArguments  # noqa: E402
 
 
+def write_rank_record(trainer, output_dir: str, record: dict) -> None:
+    """This rank's `rank{N}.json`: `record` plus the rank, the world size and a checksum of the trained weights."""
+    record = {
+        "rank": trainer.accelerator.process_index,
+        "world_size": trainer.accelerator.num_processes,
+        **record,
+        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+    }
+    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+
+
 def ddp_settings(trainer) -> dict:
     """How the Trainer's DDP wrapper was built (`model_wrapped` is the DistributedDataParallel module)."""
     wrapped = trainer.model_wrapped
@@ -45,8 +57,6 @@ def main(trainer_name: str, output_dir: str) -> None:
     pruner = trainer.example_pruner
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record = {
-        "rank": trainer.accelerator.process_index,
-        "world_size": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
         "active": torch.nonzero(pruner.active_mask()).flatten().tolist(),
         "epoch_order": pruner.epoch_indices(pruner.current_epoch).tolist(),
@@ -54,11 +64,9 @@ def main(trainer_name: str, output_dir: str) -> None:
         "samples_seen": trainer.samples_seen,
         "first_loss": sum(losses[:4]) / 4,
         "last_loss": sum(losses[-4:]) / 4,
-        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
         **ddp_settings(trainer),
     }
-    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
+    write_rank_record(trainer, output_dir, record)
 
 
 def main_infobatch(data, output_dir: str) -> None:
@@ -75,8 +83,6 @@ def main_infobatch(data, output_dir: str) -> None:
     pruner = trainer.example_pruner
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record = {
-        "rank": trainer.accelerator.process_index,
-        "world_size": trainer.accelerator.num_processes,
         "num_examples": len(data),
         "epoch_sizes": pruner.epoch_sizes,
         "optimizer_steps_per_epoch": pruner.optimizer_steps_per_epoch,
@@ -86,10 +92,8 @@ def main_infobatch(data, output_dir: str) -> None:
         "epoch_order": pruner.epoch_indices(pruner.current_epoch).tolist(),
         "last_loss": pruner.last_loss.tolist(),
         "losses": losses,
-        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }
-    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
+    write_rank_record(trainer, output_dir, record)
 
 
 def main_tost(data, output_dir: str, resnet: bool = False) -> None:
@@ -110,8 +114,6 @@ def main_tost(data, output_dir: str, resnet: bool = False) -> None:
     modules = dict(trainer.model.named_modules())
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record = {
-        "rank": trainer.accelerator.process_index,
-        "world_size": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
         "masks_identical_before_sync": trainer.sparsity_setup["masks_identical_across_ranks"],
         "mask_sparsity": trainer.sparsity_setup["mask_sparsity"],
@@ -124,11 +126,9 @@ def main_tost(data, output_dir: str, resnet: bool = False) -> None:
         "ghost_removed_at_step": trainer.ghost_removed_at_step,
         "first_loss": sum(losses[:4]) / 4,
         "last_loss": sum(losses[-4:]) / 4,
-        "weights_checksum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
         **ddp_settings(trainer),
     }
-    with open(os.path.join(output_dir, f"rank{record['rank']}.json"), "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
+    write_rank_record(trainer, output_dir, record)
 
 
 if __name__ == "__main__":
