@@ -35,11 +35,17 @@ def test_demo_trains_both_models_and_writes_the_table_plots_and_model(tmp_path, 
     printed = capsys.readouterr().out
     assert "dense ViT" in printed and "Tri-Level SparseViT" in printed and "vs matched" in printed
     results = json.loads((output / "results.json").read_text())
-    dense, matched, tri = results["runs"]
-    assert [run["role"] for run in results["runs"]] == ["dense", "dense_budget_matched", "tri_level"]
+    dense, matched, tri, patch_dropout = results["runs"]
+    assert [run["role"] for run in results["runs"]] == ["dense", "dense_budget_matched", "tri_level", "patch_dropout"]
     assert dense["images_trained"] == 512 and tri["images_trained"] == 512  # the default: token pruning alone
-    assert "Tri-Level SparseViT (tokens 0.5)" in printed
+    assert "Tri-Level SparseViT (tokens 0.5)" in printed and "PatchDropout" in printed
     assert len(dense["curve"]) == 2 and len(tri["curve"]) == 2
+    # the random-dropping alternative: PatchDropout at the Tri-Level run's training FLOPs, both models evaluated
+    # pruned (CLS attention at 0.5) and with all tokens; the Tri-Level model as configured is the pruned one
+    assert 0.0 < patch_dropout["patch_dropout_keep_ratio"] < 1.0 and patch_dropout["images_trained"] == 512
+    assert tri["pruned_accuracy"] == tri["accuracy"] and patch_dropout["all_tokens_accuracy"] == patch_dropout["accuracy"]
+    for run in (tri, patch_dropout):
+        assert 0.0 <= run["pruned_accuracy"] <= 1.0 and 0.0 <= run["all_tokens_accuracy"] <= 1.0
     # the budget-matched run is its own run, its schedule fully decayed, as many steps as dense takes in the Tri-Level
     # run's measured seconds (the formula, not which run was faster: that depends on the machine's load)
     assert matched["final_learning_rate"] == pytest.approx(0.0, abs=1e-12)
@@ -78,7 +84,8 @@ def test_bench_e2e_measures_the_protocol_over_seeds(tmp_path, capsys):
         target = full["accuracy"] - 0.003
         reached = [point["train_seconds"] for point in variant["curve"] if point["accuracy"] >= target]
         assert tokens["time_to_dense_accuracy_s_per_seed"][int(seed) - 1] == (reached[0] if reached else None)
-        assert len(full["curve"]) == 4
+        assert len(full["curve"]) == 4 and len(variant["curve"]) == 4
+        assert len(matched["curve"]) == 1 and matched["curve"][0]["step"] == matched["steps"]  # only its final accuracy
     # seeds are distinct runs: other initial weights, other curves
     assert runs["1"]["dense"]["curve"] != runs["2"]["dense"]["curve"]
     assert result["calibration"]["dense_steps_per_second"] > 0
@@ -104,6 +111,7 @@ def test_bench_e2e_token_arms_report_pruned_and_all_tokens_accuracy(tmp_path, ca
     from hf_sparse.experiments.common import ModelArguments
     from hf_sparse.flops import matched_patch_dropout_keep_ratio
     from hf_sparse.models.sparse_vit import SparseViTConfig
+    from hf_sparse.tri_level.schedule import KeepRatioSchedule
 
     path = tmp_path / "e2e.json"
     arms = ["tokens_0.5", "random_tokens_0.5", "patch_dropout_0.5"]
@@ -126,11 +134,14 @@ def test_bench_e2e_token_arms_report_pruned_and_all_tokens_accuracy(tmp_path, ca
     assert rows["tokens_0.5"]["pruned_accuracy"] == rows["tokens_0.5"]["test_accuracy"]
     assert rows["random_tokens_0.5"]["pruned_accuracy"] == rows["random_tokens_0.5"]["test_accuracy"]
     assert rows["patch_dropout_0.5"]["all_tokens_accuracy"] == rows["patch_dropout_0.5"]["test_accuracy"]
-    # PatchDropout keeps the share of patches with tokens_0.5's training FLOPs (28x28 in 4x4 patches, layers 0 and 1)
+    # PatchDropout keeps the share of patches with the training FLOPs of the whole tokens_0.5 run, its schedule
+    # included (28x28 in 4x4 patches, layers 0 and 1)
     geometry = SparseViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                                image_size=28, patch_size=4, num_channels=1, num_labels=10)
     patch_dropout_run = result["runs"]["3"]["patch_dropout_0.5"]["run"]
-    assert patch_dropout_run["patch_dropout_keep_ratio"] == matched_patch_dropout_keep_ratio(geometry, 0.5)
+    assert patch_dropout_run["patch_dropout_keep_ratio"] == matched_patch_dropout_keep_ratio(
+        geometry, 0.5, KeepRatioSchedule())
+    assert patch_dropout_run["patch_dropout_keep_ratio"] > matched_patch_dropout_keep_ratio(geometry, 0.5)
     assert result["runs"]["3"]["tokens_0.5"]["run"]["patch_dropout_keep_ratio"] is None
 
     # a JSON written before these columns (no such keys in its runs) resumes, its token columns not measured

@@ -187,6 +187,39 @@ def test_flops_matched_patch_dropout_keep_ratio_against_a_hand_count():
     assert abs(patch_dropout(32) - tokens) < min(abs(patch_dropout(31) - tokens), abs(patch_dropout(33) - tokens))
 
 
+def test_patch_dropout_matched_to_a_whole_run_counts_the_schedules_dense_warm_up_and_decay():
+    """A Tri-Level run is dense at first and reaches its final ratio after a cosine: it trains with more FLOPs than
+    the final ratio's. Replays the ratios the schedule callback sets at each of 300 steps and sums their FLOPs: the
+    PatchDropout count matched with the schedule is the closest to that sum (29 of 49 patches, not 24)."""
+    from types import SimpleNamespace
+
+    from hf_sparse.tri_level.schedule import KeepRatioSchedule, KeepRatioScheduleCallback
+
+    config = demo_config()
+    set_ratios = []
+    model = SimpleNamespace(config=SimpleNamespace(token_keep_ratio=0.5, attention_keep_ratio=1.0),
+                            set_sparsity=lambda token, attention: set_ratios.append(token))
+    schedule = KeepRatioSchedule()
+    callback, steps = KeepRatioScheduleCallback(schedule), 300
+    for step in range(steps):
+        callback.on_step_begin(None, SimpleNamespace(global_step=step, max_steps=steps), None, model=model)
+    assert set_ratios[0] == 1.0 and set_ratios[-1] == 0.5 and len(set(set_ratios)) > 2
+    run = sum(training_flops(config, ratio) for ratio in set_ratios)
+
+    ratio = matched_patch_dropout_keep_ratio(config, 0.5, schedule)
+    kept = keep_count(49, ratio)
+    assert kept == 29 and ratio == pytest.approx(29 / 49)
+
+    def patch_dropout_run(count: int) -> float:
+        return steps * training_flops(config, patch_keep_ratio=count / 49)
+
+    assert abs(patch_dropout_run(kept) - run) < min(abs(patch_dropout_run(kept - 1) - run),
+                                                    abs(patch_dropout_run(kept + 1) - run))
+    assert run / (steps * training_flops(config)) == pytest.approx(0.58, abs=0.01)
+    # without the schedule: the final ratio's cost per step, as above
+    assert keep_count(49, matched_patch_dropout_keep_ratio(config, 0.5)) == 24
+
+
 # --- compile, config ----------------------------------------------------------------------------------------------
 
 

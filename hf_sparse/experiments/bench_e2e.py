@@ -12,8 +12,9 @@ Two regimes (`--regime`, a preset that fills what is not given on the command li
 
 Token arms and the alternatives a user already has: `tokens_<r>` (CLS-attention top-k, the paper's selection),
 `random_tokens_<r>` (a uniform random subset of the same size at the same layers: the control) and
-`patch_dropout_<r>` (PatchDropout: random patches dropped once after the embedding, in training only, keeping the
-share of patches whose training FLOPs match `tokens_<r>`'s at the model's pruning layers). Each arm that drops tokens
+`patch_dropout_<r>` (PatchDropout: random patches dropped once after the embedding, in training only, at a constant
+share of patches whose training FLOPs match the whole `tokens_<r>` run's, its dense warm-up and cosine decay
+included: 29 of 49 patches for `tokens_0.5`). Each arm that drops tokens
 is also evaluated, once trained, pruned (CLS attention at `<r>`) and with all tokens: two more columns.
 
 Runs are sequential and interleaved (dense, variant, its budget-matched dense, next variant ...) so a slow spell hits
@@ -53,8 +54,8 @@ VARIANTS: dict[str, Variant] = {
     "tokens_0.5": Variant("tokens 0.5", "none", 0.5),
     "random_tokens_0.7": Variant("tokens 0.7, random selection (control)", "none", 0.7, token_selection="random"),
     "random_tokens_0.5": Variant("tokens 0.5, random selection (control)", "none", 0.5, token_selection="random"),
-    "patch_dropout_0.7": Variant("PatchDropout, FLOPs of tokens 0.7", "none", patch_dropout_matched_to=0.7),
-    "patch_dropout_0.5": Variant("PatchDropout, FLOPs of tokens 0.5", "none", patch_dropout_matched_to=0.5),
+    "patch_dropout_0.7": Variant("PatchDropout, FLOPs of the tokens 0.7 run", "none", patch_dropout_matched_to=0.7),
+    "patch_dropout_0.5": Variant("PatchDropout, FLOPs of the tokens 0.5 run", "none", patch_dropout_matched_to=0.5),
     "tokens_0.7_fusion": Variant("tokens 0.7, fused (EViT)", "none", 0.7, token_fusion=True),
     "tokens_0.5_fusion": Variant("tokens 0.5, fused (EViT)", "none", 0.5, token_fusion=True),
     "attention_0.5": Variant("attention 0.5", "none", 1.0, 0.5),

@@ -1,10 +1,13 @@
 """`hf-sparse demo`: the main job. From the same initial weights on Fashion-MNIST, trains
   1. a dense ViT (transformers' own) for the given epochs,
-  2. a Tri-Level SparseViT for the same epochs, and
-  3. a dense ViT budget-matched to the Tri-Level run's wall-clock (its own cosine schedule fully decayed),
-then prints a table (test accuracy, training wall-clock, images trained, time saved, the delta against both dense
-runs) and writes `results.json` (each run with its `role`), a plot of test accuracy against wall-clock for the three,
-and the patches the Tri-Level model kept on a few test images. One seed: `hf-sparse bench e2e` gives medians.
+  2. a Tri-Level SparseViT for the same epochs,
+  3. a dense ViT budget-matched to the Tri-Level run's wall-clock (its own cosine schedule fully decayed), and
+  4. the random-dropping alternative a user already has: the same run with CLS-attention token pruning replaced by
+     PatchDropout (random patches dropped once after the embedding) at the same training FLOPs,
+then prints a table (test accuracy, evaluated pruned and with all tokens, training wall-clock, images trained, time
+saved, the delta against both dense runs) and writes `results.json` (each run with its `role`), a plot of test
+accuracy against wall-clock, and the patches the Tri-Level model kept on a few test images with the share of them on
+the object. One seed: `hf-sparse bench e2e` gives medians.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from ..tri_level.arguments import EXAMPLE_PRUNING_METHODS
 from ..validation import check_choice, check_fraction, check_int, check_positive
 from .common import DataArguments, ModelArguments, build_dense_vit, prepare_data, training_fields
 from .plots import kept_patches_on_object, plot_accuracy_against_time, plot_kept_patches
-from .runs import RunResult, Variant, budget_matched_steps, train_dense, train_one, tri_level_run
+from .runs import (
+    RunResult,
+    Variant,
+    budget_matched_steps,
+    token_level_accuracies,
+    train_dense,
+    train_one,
+    train_tri_level,
+    tri_level_run,
+)
 
 
 @dataclass
@@ -42,7 +54,10 @@ class DemoArguments:
         metadata={"help": "Train on a seeded subset (0: all 60,000): sized so the job takes about 10 min."},
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first examples only."})
-    seed: int = field(default=42, metadata={"help": "Initial weights and data order of the three runs."})
+    patch_dropout_alternative: bool = field(default=True, metadata={
+        "help": "Also train PatchDropout at the Tri-Level run's training FLOPs (the random-dropping alternative; "
+                "only with token pruning)."})
+    seed: int = field(default=42, metadata={"help": "Initial weights and data order of every run."})
 
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: found by type)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: found by type)."})
@@ -81,15 +96,23 @@ def describe_levels(args: DemoArguments) -> str:
 
 def format_table(results: list[RunResult]) -> str:
     dense, matched = results[0], results[1]
-    lines = [f"{'run':<34} {'test acc %':>10} {'train s':>8} {'images':>9} {'time saved':>10} {'vs dense':>9} "
-             f"{'vs matched':>10}"]
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    width = max(34, *(len(result.name) for result in results))
+    lines = [f"{'run':<{width}} {'test acc %':>10} {'pruned %':>9} {'all tokens %':>12} {'train s':>8} "
+             f"{'images':>9} {'time saved':>10} {'vs dense':>9} {'vs matched':>10}"]
     for result in results:
         saved = 100 * (1.0 - result.train_seconds / dense.train_seconds)
         lines.append(
-            f"{result.name:<34} {100 * result.accuracy:>10.2f} {result.train_seconds:>8.1f} {result.images_trained:>9d} "
+            f"{result.name:<{width}} {100 * result.accuracy:>10.2f} {percent(result.pruned_accuracy):>9} "
+            f"{percent(result.all_tokens_accuracy):>12} {result.train_seconds:>8.1f} {result.images_trained:>9d} "
             f"{saved:>9.1f}% {100 * (result.accuracy - dense.accuracy):>+9.2f} "
             f"{100 * (result.accuracy - matched.accuracy):>+10.2f}"
         )
+    lines.append("('test acc': each model as it is configured (PatchDropout: all tokens); 'pruned': CLS-attention "
+                 "selection at the Tri-Level token keep ratio; 'all tokens': every patch)")
     return "\n".join(lines)
 
 
@@ -121,18 +144,31 @@ def main(args: DemoArguments, model_args: ModelArguments) -> list[RunResult]:
     fields = training_fields(args.output_dir, args.epochs, args.batch_size, args.seed, args.evaluations)
     variant = Variant(f"Tri-Level SparseViT ({describe_levels(args)})", args.example_pruning, args.token_keep_ratio,
                       args.attention_keep_ratio, args.example_inactive_fraction)
-    # The Tri-Level model and arguments first: a value they refuse fails before the dense run trains or writes.
+    alternative = None
+    if args.patch_dropout_alternative and args.token_keep_ratio < 1.0:
+        alternative = Variant("PatchDropout (random patches, same training FLOPs)", args.example_pruning,
+                              attention_keep_ratio=args.attention_keep_ratio,
+                              inactive_fraction=args.example_inactive_fraction,
+                              patch_dropout_matched_to=args.token_keep_ratio)
+    # The models and arguments first: a value they refuse fails before the dense run trains or writes.
     tri_name, tri_model, tri_args = tri_level_run(data, model_args, args.seed, fields, variant)
+    if alternative is not None:
+        tri_level_run(data, model_args, args.seed, fields, alternative)
     os.makedirs(args.output_dir, exist_ok=True)
 
     dense, dense_trainer = train_dense(data, model_args, args.seed, fields, name="dense ViT")
     tri, tri_trainer = train_one(tri_name, TriLevelTrainer, tri_model, tri_args, data, role="tri_level")
+    tri.pruned_accuracy, tri.all_tokens_accuracy = token_level_accuracies(tri_trainer, variant, tri.accuracy)
     matched = train_dense(data, model_args, args.seed, fields, name="dense ViT, budget-matched",
                           max_steps=budget_matched_steps(dense, tri.train_seconds), role="dense_budget_matched")[0]
     results = [dense, matched, tri]
+    if alternative is not None:
+        patch_dropout = train_tri_level(data, model_args, args.seed, fields, alternative)[0]
+        patch_dropout.role = "patch_dropout"
+        results.append(patch_dropout)
 
     print("\n" + format_table(results))
-    title = f"{data.name}: dense ViT vs Tri-Level SparseViT (seed {args.seed})"
+    title = f"{data.name}: dense ViT, Tri-Level SparseViT{', PatchDropout' if alternative else ''} (seed {args.seed})"
     plot_accuracy_against_time(results, os.path.join(args.output_dir, "accuracy_vs_wall_clock.png"), title,
                                num_classes=len(data.label_names))
     plot_kept_patches(tri_trainer.model, data, os.path.join(args.output_dir, "kept_patches.png"))

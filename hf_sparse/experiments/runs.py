@@ -39,7 +39,7 @@ class RunResult:
     images_trained: int
     curve: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
-    role: str = "dense"  # dense | dense_budget_matched | tri_level
+    role: str = "dense"  # dense | dense_budget_matched | tri_level | patch_dropout (the demo's alternative)
     final_learning_rate: float | None = None  # 0 when the schedule decayed fully
     # Runs that drop tokens: the final model evaluated pruned (CLS attention at the variant's token keep ratio) and
     # with all tokens (None for other runs, and in results written before these were measured).
@@ -51,8 +51,9 @@ class RunResult:
 @dataclass(frozen=True)
 class Variant:
     """A Tri-Level setting: the three levels' final ratios (`example_pruning` None: dense ViT), how tokens are
-    selected (`SparseViTConfig.token_selection`), and PatchDropout with the training FLOPs of token pruning at
-    `patch_dropout_matched_to` (the model's pruning layers; `flops.matched_patch_dropout_keep_ratio`)."""
+    selected (`SparseViTConfig.token_selection`), and PatchDropout with the training FLOPs of a token-pruning run to
+    `patch_dropout_matched_to` (the model's pruning layers, the keep-ratio schedule included;
+    `flops.matched_patch_dropout_keep_ratio`)."""
 
     label: str
     example_pruning: str | None
@@ -115,21 +116,24 @@ def tri_level_run(data, model_args, seed: int, fields: dict[str, Any], variant: 
                   name: str | None = None) -> tuple[str, SparseViTForImageClassification, TriLevelTrainingArguments]:
     """(name, model, arguments) of a Tri-Level run: a SparseViT converted from the dense run's initial weights and its
     `TriLevelTrainingArguments`. Building them checks every value, so a caller can do it before anything trains."""
-    dense = build_dense_vit(model_args, data, seed)
-    model_args = replace(model_args, token_fusion=variant.token_fusion or model_args.token_fusion)
-    model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
-                             from_dense=dense, token_selection=variant.token_selection)
-    if variant.patch_dropout_matched_to is not None:  # matched on the model's own geometry and pruning layers
-        keep_ratio = matched_patch_dropout_keep_ratio(model.config, variant.patch_dropout_matched_to)
-        model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
-                                 from_dense=dense, token_selection=variant.token_selection,
-                                 patch_dropout_keep_ratio=keep_ratio)
     name = name or variant.label
     fields = dict(fields, output_dir=os.path.join(fields["output_dir"], slug(name)))
     args = TriLevelTrainingArguments(
         **fields, example_pruning=variant.example_pruning, example_inactive_fraction=variant.inactive_fraction,
         **variant.arguments,
     )
+    dense = build_dense_vit(model_args, data, seed)
+    model_args = replace(model_args, token_fusion=variant.token_fusion or model_args.token_fusion)
+    model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
+                             from_dense=dense, token_selection=variant.token_selection)
+    if variant.patch_dropout_matched_to is not None:
+        # matched on the model's own geometry and pruning layers, to the whole token-pruning run: its dense warm-up
+        # and cosine decay included (the schedule of these arguments)
+        keep_ratio = matched_patch_dropout_keep_ratio(model.config, variant.patch_dropout_matched_to,
+                                                      args.keep_ratio_schedule)
+        model = build_sparse_vit(model_args, data, seed, variant.token_keep_ratio, variant.attention_keep_ratio,
+                                 from_dense=dense, token_selection=variant.token_selection,
+                                 patch_dropout_keep_ratio=keep_ratio)
     return name, model, args
 
 

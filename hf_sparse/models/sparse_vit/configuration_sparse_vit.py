@@ -73,7 +73,7 @@ class SparseViTConfig(PreTrainedConfig):
             the embedding (position embeddings added; the prefix tokens always kept). Evaluation sees every patch (as
             in timm); to evaluate pruned, use the token level at inference (`set_sparsity(token_keep_ratio=...)`).
             `hf_sparse.flops.matched_patch_dropout_keep_ratio` gives the ratio with the training FLOPs of a token
-            pruning setting. 1.0 turns it off.
+            pruning setting (of its final ratio, or of a whole run on its keep-ratio schedule). 1.0 turns it off.
         attention_keep_ratio (`float`, defaults to 1.0):
             Fraction of the patch keys each patch query keeps, chosen at each pruning layer and applied in the
             following layers. Prefix and fused tokens are always kept as rows and columns. 1.0 turns it off.
