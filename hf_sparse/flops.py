@@ -3,13 +3,17 @@ training FLOPs of one way of dropping tokens with another (PatchDropout against 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .models.sparse_vit.configuration_sparse_vit import SparseViTConfig
 from .models.sparse_vit.modeling_sparse_vit import keep_count
 
-if TYPE_CHECKING:
-    from .tri_level.schedule import KeepRatioSchedule
+
+class KeepRatioSchedule(Protocol):
+    """What matching needs of `hf_sparse.tri_level.schedule.KeepRatioSchedule` (not imported: the Tri-Level trainer
+    imports this module)."""
+
+    def ratios(self, progress: float, token_keep_ratio: float, attention_keep_ratio: float) -> tuple[float, float]: ...
 
 
 def token_counts(
