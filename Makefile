@@ -28,7 +28,7 @@ data:
 	fi
 
 # The main job: dense, Tri-Level SparseViT, dense budget-matched to it and PatchDropout at its training FLOPs, on
-# Fashion-MNIST (TIME on 2 CPU cores); table, results.json and plots in outputs/demo.
+# Fashion-MNIST (10-20 min on 2 CPU cores); table, results.json and plots in outputs/demo.
 main: setup
 	$(VENV)/bin/hf-sparse demo --output_dir outputs/demo
 
