@@ -9,7 +9,7 @@ from .models.sparse_vit.configuration_sparse_vit import SparseViTConfig
 from .models.sparse_vit.modeling_sparse_vit import keep_count
 
 
-class KeepRatioSchedule(Protocol):
+class RatioSchedule(Protocol):
     """What matching needs of `hf_sparse.tri_level.schedule.KeepRatioSchedule` (not imported: the Tri-Level trainer
     imports this module)."""
 
@@ -74,7 +74,7 @@ def training_flops(
 
 
 def matched_patch_dropout_keep_ratio(config: SparseViTConfig, token_keep_ratio: float,
-                                     schedule: KeepRatioSchedule | None = None) -> float:
+                                     schedule: RatioSchedule | None = None) -> float:
     """The PatchDropout keep ratio whose training FLOPs come closest to those of token pruning at `token_keep_ratio`
     at `config.token_pruning_layers` (CLS scores included), for `config`'s geometry; on a tie, the fewer patches.
     Returned as `kept / num_patches`, so that `keep_count` gives back exactly `kept`.
