@@ -321,9 +321,10 @@ def test_bench_e2e_data_arms_run_infobatch_and_the_fixed_size_mode_side_by_side(
     so fewer images than dense) and our fixed-size mode, each with its budget-matched dense run."""
     path = tmp_path / "e2e.json"
     arms = ["data_infobatch", "data_infobatch_fixed_size"]
-    cli_main(["bench", "e2e", "--output_dir", str(tmp_path), "--variants", *arms, "--seeds", "5",
-              "--max_train_samples", "128", "--max_eval_samples", "64", "--epochs", "3", "--evaluations", "1",
-              "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--json", str(path)])
+    command = ["bench", "e2e", "--output_dir", str(tmp_path), "--seeds", "5", "--max_train_samples", "128",
+               "--max_eval_samples", "64", "--epochs", "3", "--evaluations", "1", "--batch_size", "16",
+               "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--json", str(path)]
+    cli_main([*command, "--variants", *arms])
     result = json.loads(path.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
     assert list(rows) == ["dense", *arms]
@@ -337,3 +338,19 @@ def test_bench_e2e_data_arms_run_infobatch_and_the_fixed_size_mode_side_by_side(
     for arm in arms:
         assert runs[arm]["budget_matched"]["role"] == "dense_budget_matched"
         assert "InfoBatch" in rows[arm]["label"]
+
+    # Adding arms to a finished seed trains only them (dense and the InfoBatch arm are read back, not retrained; an
+    # arm not asked for stays in the JSON); tokens alone for the combination's steps shares its budget-matched run.
+    combination, tokens_alone = "infobatch_tokens_0.5", "tokens_0.5_steps_of_infobatch_tokens_0.5"
+    with pytest.raises(SystemExit):  # the steps it matches must be trained first
+        cli_main([*command, "--variants", tokens_alone, combination])
+    cli_main([*command, "--variants", "data_infobatch", combination, tokens_alone])
+    resumed = json.loads(path.read_text())
+    added = resumed["runs"]["5"]
+    assert added["dense"] == runs["dense"] and added["data_infobatch"] == runs["data_infobatch"]
+    assert added["data_infobatch_fixed_size"] == runs["data_infobatch_fixed_size"]
+    assert added[tokens_alone]["run"]["steps"] == added[combination]["run"]["steps"] < runs["dense"]["steps"]
+    assert "budget_matched" not in added[tokens_alone]
+    rows = {row["variant"]: row for row in resumed["rows"]}
+    assert list(rows) == ["dense", "data_infobatch", combination, tokens_alone]
+    assert rows[tokens_alone]["budget_matched_dense_accuracy"] == rows[combination]["budget_matched_dense_accuracy"]

@@ -73,6 +73,10 @@ VARIANTS: dict[str, Variant] = {
     "infobatch_fixed_size_tokens_0.5": Variant("InfoBatch-like 0.3 (fixed epoch size) + tokens 0.5",
                                                "infobatch_fixed_size", 0.5, inactive_fraction=0.3),
     "forgetting_tokens_0.5": Variant("Tri-Level: forgetting 0.2 + tokens 0.5", "forgetting", 0.5),
+    # tokens alone for the steps the InfoBatch combination trains (the same wall-clock, tokens costing the same per
+    # step): does the data level add anything to the token level, or would fewer epochs do as well?
+    "tokens_0.5_steps_of_infobatch_tokens_0.5": Variant(
+        "tokens 0.5, the steps of InfoBatch + tokens 0.5", "none", 0.5, steps_matched_to="infobatch_tokens_0.5"),
 }
 DEFAULT_VARIANTS = ("tri_level", "tokens_0.5", "infobatch_fixed_size_tokens_0.5")
 
@@ -112,6 +116,11 @@ class E2EArguments:
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct integers, got {self.seeds}.")
+        for position, key in enumerate(self.variants):
+            reference = VARIANTS[key].steps_matched_to
+            if reference is not None and reference not in self.variants[:position]:
+                raise ValueError(f"`variants`: {key!r} trains the steps of {reference!r}; "
+                                 f"list {reference!r} before it.")
         preset = REGIMES[self.regime]
         self.epochs = preset["epochs"] if self.epochs is None else self.epochs
         if self.max_train_samples is None:
@@ -122,16 +131,25 @@ class E2EArguments:
 ARGUMENTS = (E2EArguments, ModelArguments)
 
 
-def run_seed(args: E2EArguments, model_args: ModelArguments, data, seed: int) -> dict[str, Any]:
-    """Every arm of one seed: {"dense": RunResult, variant: {"run": RunResult, "budget_matched": RunResult}}."""
+def run_seed(args: E2EArguments, model_args: ModelArguments, data, seed: int,
+             done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every arm of one seed: {"dense": RunResult, variant: {"run": RunResult, "budget_matched": RunResult}}. Arms in
+    `done` (read back from the JSON) are kept, not trained again: adding a variant costs only its own runs."""
     fields = training_fields(os.path.join(args.output_dir, f"seed{seed}"), args.epochs, args.batch_size, seed,
                              args.evaluations)
     fields.update(disable_tqdm=True, logging_steps=100)
-    runs: dict[str, Any] = {"dense": train_dense(data, model_args, seed, fields, name="dense")[0]}
+    runs: dict[str, Any] = dict(done or {})
+    if "dense" not in runs:
+        runs["dense"] = train_dense(data, model_args, seed, fields, name="dense")[0]
     for key in args.variants:
-        tri, _ = train_tri_level(data, model_args, seed, fields, VARIANTS[key], name=key)
+        if key in runs:
+            continue
+        variant = VARIANTS[key]
+        steps = {} if variant.steps_matched_to is None else {"max_steps": runs[variant.steps_matched_to]["run"].steps}
+        tri, _ = train_tri_level(data, model_args, seed, dict(fields, **steps), variant, name=key)
         runs[key] = {"run": tri}
-        if args.budget_matched:
+        # a steps-matched arm has its reference's budget, hence its budget-matched dense run (`summarize`)
+        if args.budget_matched and variant.steps_matched_to is None:
             steps = budget_matched_steps(runs["dense"], tri.train_seconds)
             # only its final accuracy is read: one evaluation, at its end
             final_only = dict(fields, eval_strategy="no", eval_steps=None)
@@ -150,8 +168,10 @@ def summarize(args: E2EArguments, per_seed: dict[int, dict[str, Any]]) -> list[d
     target = {seed: dense[seed].accuracy - TOLERANCE for seed in seeds}
     rows = []
     for key in ["dense", *args.variants]:
+        budget_of = key if key == "dense" else VARIANTS[key].steps_matched_to or key
         runs = {seed: dense[seed] if key == "dense" else per_seed[seed][key]["run"] for seed in seeds}
-        matched = {seed: dense[seed] if key == "dense" else per_seed[seed][key].get("budget_matched") for seed in seeds}
+        matched = {seed: dense[seed] if key == "dense" else per_seed[seed][budget_of].get("budget_matched")
+                   for seed in seeds}
         values = {
             "test_accuracy": [runs[s].accuracy for s in seeds],
             "train_seconds": [runs[s].train_seconds for s in seeds],
@@ -219,7 +239,7 @@ def pareto_points(rows: list[dict[str, Any]], per_seed: dict[int, dict[str, Any]
     for row in rows[1:]:
         points.append({"kind": "tri_level", "label": row["variant"], "seconds": row["train_seconds"],
                        "accuracy": row["test_accuracy"]})
-        if row["budget_matched_dense_accuracy"] is not None:
+        if row["budget_matched_dense_accuracy"] is not None and VARIANTS[row["variant"]].steps_matched_to is None:
             points.append({"kind": "dense", "label": f"dense, budget of {row['variant']}",
                            "seconds": row["budget_matched_dense_seconds"],
                            "accuracy": row["budget_matched_dense_accuracy"]})
@@ -233,18 +253,21 @@ def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]
                         seed=args.data_seed)
     path = args.json or os.path.join(args.output_dir, "bench_e2e.json")
     per_seed = finished_seeds(path, args, model_args)
-    if per_seed:
-        print(f"Resuming {path}: seeds {sorted(per_seed)} are done.")
+    arms = ["dense", *args.variants]
+    for seed in sorted(per_seed):
+        print(f"Resuming {path}: seed {seed} has {[arm for arm in arms if arm in per_seed[seed]]} of {arms}.")
     for seed in args.seeds:
-        if seed not in per_seed:
-            per_seed[seed] = run_seed(args, model_args, data, seed)
-        rows = summarize(args, per_seed)
-        dense_steps = [per_seed[s]["dense"].steps / per_seed[s]["dense"].train_seconds for s in per_seed]
+        if any(arm not in per_seed.get(seed, {}) for arm in arms):
+            per_seed[seed] = run_seed(args, model_args, data, seed, per_seed.get(seed))
+        # the table: the asked seeds with every asked arm; the JSON keeps every run it holds
+        complete = {s: per_seed[s] for s in args.seeds if all(arm in per_seed.get(s, {}) for arm in arms)}
+        rows = summarize(args, complete)
+        dense_steps = [complete[s]["dense"].steps / complete[s]["dense"].train_seconds for s in complete]
         result = {
             "arguments": asdict(args), "model": asdict(model_args), "training_images": len(data.train),
             "calibration": {"dense_steps_per_second": median(dense_steps),
                             "dense_steps_per_second_per_seed": dense_steps, "batch_size": args.batch_size},
-            "rows": rows, "pareto": pareto_points(rows, per_seed),
+            "rows": rows, "pareto": pareto_points(rows, complete),
             "runs": {str(s): _runs_json(per_seed[s]) for s in per_seed},
         }
         write_json(path, result)
@@ -259,9 +282,10 @@ def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]
 
 
 def finished_seeds(path: str, args: E2EArguments, model_args: ModelArguments) -> dict[int, dict[str, Any]]:
-    """The seeds a previous run with the same settings (all but the seed list) finished, read back from its JSON; a
-    JSON written with other settings is an error (`--fresh` overwrites it), never silently replaced."""
-    ignored = ("seeds", "fresh", "output_dir", "json")  # what does not change a result
+    """The arms of each seed that a previous run with the same settings (all but the seed and variant lists) wrote,
+    read back from its JSON; a JSON written with other settings is an error (`--fresh` overwrites it), never silently
+    replaced. Arms of variants not asked for now stay in the JSON's runs."""
+    ignored = ("seeds", "variants", "fresh", "output_dir", "json")  # what does not change a result
     settings = {"arguments": {k: v for k, v in asdict(args).items() if k not in ignored}, "model": asdict(model_args)}
     previous = load_resumable(path, settings, args.fresh, settings_of=lambda results: {
         "arguments": {k: v for k, v in results.get("arguments", {}).items() if k not in ignored},
@@ -274,7 +298,7 @@ def finished_seeds(path: str, args: E2EArguments, model_args: ModelArguments) ->
 
     return {int(seed): {key: run(value) if key == "dense" else {k: run(v) for k, v in value.items()}
                         for key, value in runs.items()}
-            for seed, runs in previous.get("runs", {}).items() if int(seed) in args.seeds}
+            for seed, runs in previous.get("runs", {}).items()}
 
 
 def _runs_json(runs: dict[str, Any]) -> dict[str, Any]:

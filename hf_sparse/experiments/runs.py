@@ -51,9 +51,9 @@ class RunResult:
 @dataclass(frozen=True)
 class Variant:
     """A Tri-Level setting: the three levels' final ratios (`example_pruning` None: dense ViT), how tokens are
-    selected (`SparseViTConfig.token_selection`), and PatchDropout with the training FLOPs of a token-pruning run to
+    selected (`SparseViTConfig.token_selection`), PatchDropout with the training FLOPs of a token-pruning run to
     `patch_dropout_matched_to` (the model's pruning layers, the keep-ratio schedule included;
-    `flops.matched_patch_dropout_keep_ratio`)."""
+    `flops.matched_patch_dropout_keep_ratio`), and a length set by another variant's steps (`steps_matched_to`)."""
 
     label: str
     example_pruning: str | None
@@ -63,6 +63,9 @@ class Variant:
     token_fusion: bool = False
     token_selection: str = "cls_attention"
     patch_dropout_matched_to: float | None = None
+    # train exactly the optimizer steps of this other variant's run of the same seed (its own schedule decays over
+    # them): e.g. tokens alone given what the data level leaves, to see whether the levels compound
+    steps_matched_to: str | None = None
     arguments: dict[str, Any] = field(default_factory=dict)  # more TriLevelTrainingArguments
 
     @property
