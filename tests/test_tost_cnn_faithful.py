@@ -196,8 +196,11 @@ def test_cifar_like_regime_feeds_the_resnet_14_px_maps_with_crop_and_flip():
     from hf_sparse.experiments.common import ModelArguments
 
     args = ToSTBenchArguments(families=["resnet", "sparse_vit"], regime="cifar_like")
-    assert args.sparsities == [0.95, 0.98] and args.techniques == ["paper"] and args.seeds == [42]
-    assert len(plan_grid(args)) == 2 * 2 * 6 * 2  # families x sparsities x masks x (vanilla, paper)
+    assert args.sparsities == [0.95, 0.98] and args.techniques == ["ghost_skips+ghost_neurons"]
+    assert args.seeds == [42, 43, 44] and args.technique_seeds == 3  # the pair runs on every seed, as vanilla
+    assert len(plan_grid(args)) == 2 * 3 * 2 * 6 * 2  # families x seeds x sparsities x masks x (vanilla, the pair)
+    assert ToSTBenchArguments(regime="cifar_like", seeds=[43]).technique_seeds == 1  # a stream of one seed
+    assert ToSTBenchArguments(families=["resnet"]).technique_seeds == 1  # the default regime: one seed each
     data = args.data_arguments("resnet")
     assert (data.image_size, data.random_crop_padding, data.horizontal_flip) == (56, 7, True)
     assert args.family("resnet").epochs == 30

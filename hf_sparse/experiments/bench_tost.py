@@ -19,8 +19,9 @@ ImageNet stem (7x7 stride 2, max-pool) leaves 7x7, 4x4 and 2x2 maps to the three
 "cifar_like" is the paper's setting as far as Fashion-MNIST allows: the images are resized to 56 px so the first stage
 works on 14x14 maps (then 7x7, 4x4, as a CIFAR ResNet's 32/16/8 scaled by the stem), training images get the authors'
 augmentation (random crop with 7 px zero padding, the 4 px of 32 scaled to 56, and horizontal flips), and the schedule
-is 30 epochs; its grid defaults to one seed of vanilla against the paper's recipe at 95 % and 98 % sparsity over the six
-masks (add seeds per command: the grid resumes). The ViT keeps its own images in every regime.
+is 30 epochs; its grid defaults to vanilla against the authors' ghost skips with the Swish ghosts at 95 % and 98 %
+sparsity over the six masks and 3 seeds (split it by masks or seeds into files run side by side: the grid resumes and
+`--merge` joins). The ViT keeps its own images in every regime.
 
 The mask of a (family, method, sparsity, seed) is computed once, by its vanilla run (its time is reported as
 `mask s`, outside the training time), and saved under `<output_dir>/masks/`; every other run of that cell loads it,
@@ -71,8 +72,9 @@ class ToSTBenchArguments:
                 "label_smoothing=0.2). Default: the regime's (full and each technique alone, or paper)."})
     seeds: list[int] | None = field(default=None, metadata={
         "help": "Seeds of vanilla and the full recipe (initial weights, mask, data order); deltas are paired by seed "
-                "(default: the regime's, 42 43 44 or 42)."})
-    technique_seeds: int = field(default=1, metadata={"help": "How many of the seeds each single technique runs."})
+                "(default: the regime's, 42 43 44)."})
+    technique_seeds: int | None = field(default=None, metadata={
+        "help": "How many of the seeds each single technique runs (default: the regime's: 1, or all in cifar_like)."})
     epochs: float | None = field(default=None, metadata={"help": "Training epochs (default: the family's)."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate (default: the family's)."})
     max_train_samples: int | None = field(
@@ -93,7 +95,9 @@ class ToSTBenchArguments:
             raise ValueError(f"`regime` must be one of {list(REGIMES)}, got {self.regime!r}.")
         for name, value in REGIME_GRIDS[self.regime].items():
             if getattr(self, name) is None:
-                setattr(self, name, list(value))
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+                if name == "technique_seeds":  # the regime's count, within the seeds asked for (filled above)
+                    self.technique_seeds = min(value, len(self.seeds))
         if not self.sparsities or any(not 0.0 <= value < 1.0 for value in self.sparsities):
             raise ValueError(f"`sparsities` must be fractions in [0, 1), got {self.sparsities}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
