@@ -145,8 +145,8 @@ def run_seed(args: E2EArguments, model_args: ModelArguments, data, seed: int,
         if key in runs:
             continue
         variant = VARIANTS[key]
-        steps = {} if variant.steps_matched_to is None else {"max_steps": runs[variant.steps_matched_to]["run"].steps}
-        tri, _ = train_tri_level(data, model_args, seed, dict(fields, **steps), variant, name=key)
+        length = {} if variant.steps_matched_to is None else {"max_steps": runs[variant.steps_matched_to]["run"].steps}
+        tri, _ = train_tri_level(data, model_args, seed, dict(fields, **length), variant, name=key)
         runs[key] = {"run": tri}
         # a steps-matched arm has its reference's budget, hence its budget-matched dense run (`summarize`)
         if args.budget_matched and variant.steps_matched_to is None:
@@ -254,13 +254,17 @@ def main(args: E2EArguments, model_args: ModelArguments) -> list[dict[str, Any]]
     path = args.json or os.path.join(args.output_dir, "bench_e2e.json")
     per_seed = finished_seeds(path, args, model_args)
     arms = ["dense", *args.variants]
+
+    def has_every_arm(seed: int) -> bool:
+        return all(arm in per_seed.get(seed, {}) for arm in arms)
+
     for seed in sorted(per_seed):
         print(f"Resuming {path}: seed {seed} has {[arm for arm in arms if arm in per_seed[seed]]} of {arms}.")
     for seed in args.seeds:
-        if any(arm not in per_seed.get(seed, {}) for arm in arms):
+        if not has_every_arm(seed):
             per_seed[seed] = run_seed(args, model_args, data, seed, per_seed.get(seed))
         # the table: the asked seeds with every asked arm; the JSON keeps every run it holds
-        complete = {s: per_seed[s] for s in args.seeds if all(arm in per_seed.get(s, {}) for arm in arms)}
+        complete = {s: per_seed[s] for s in args.seeds if has_every_arm(s)}
         rows = summarize(args, complete)
         dense_steps = [complete[s]["dense"].steps / complete[s]["dense"].train_seconds for s in complete]
         result = {

@@ -95,9 +95,8 @@ class ToSTBenchArguments:
             raise ValueError(f"`regime` must be one of {list(REGIMES)}, got {self.regime!r}.")
         for name, value in REGIME_GRIDS[self.regime].items():
             if getattr(self, name) is None:
-                setattr(self, name, list(value) if isinstance(value, list) else value)
-                if name == "technique_seeds":  # the regime's count, within the seeds asked for (filled above)
-                    self.technique_seeds = min(value, len(self.seeds))
+                # the regime's technique seeds count within the seeds asked for (filled before it)
+                setattr(self, name, min(value, len(self.seeds)) if name == "technique_seeds" else list(value))
         if not self.sparsities or any(not 0.0 <= value < 1.0 for value in self.sparsities):
             raise ValueError(f"`sparsities` must be fractions in [0, 1), got {self.sparsities}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
