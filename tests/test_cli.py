@@ -354,3 +354,24 @@ def test_bench_e2e_data_arms_run_infobatch_and_the_fixed_size_mode_side_by_side(
     rows = {row["variant"]: row for row in resumed["rows"]}
     assert list(rows) == ["dense", "data_infobatch", combination, tokens_alone]
     assert rows[tokens_alone]["budget_matched_dense_accuracy"] == rows[combination]["budget_matched_dense_accuracy"]
+
+
+def test_every_bench_e2e_arm_builds_and_the_fast_schedule_reaches_its_keep_ratio_in_a_tenth(tmp_path):
+    """Each arm's model and arguments are built (and checked) before anything trains; the fast-schedule combination
+    differs from the paper-schedule one only in reaching the final keep ratio over 1/10 of training, not 1/3."""
+    from hf_sparse.experiments.bench_e2e import VARIANTS
+    from hf_sparse.experiments.common import ModelArguments, PreparedData, training_fields
+    from hf_sparse.experiments.runs import tri_level_run
+
+    data = PreparedData(None, None, [str(label) for label in range(10)], 28, 1, (0.5,), (0.5,))
+    model_args = ModelArguments(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    fields = training_fields(str(tmp_path), 1.0, 16, 0)
+    built = {key: tri_level_run(data, model_args, 0, fields, variant, name=key) for key, variant in VARIANTS.items()}
+    for key, (_, model, _) in built.items():
+        assert model.config.token_keep_ratio == VARIANTS[key].token_keep_ratio, key
+    fast, paper = built["infobatch_tokens_0.5_fast_schedule"][2], built["infobatch_tokens_0.5"][2]
+    assert (fast.example_pruning, paper.example_pruning) == ("infobatch", "infobatch")
+    reached = fast.sparsity_warmup_fraction + 0.1
+    assert fast.keep_ratio_schedule.ratios(reached, 0.5, 1.0)[0] == 0.5
+    assert fast.keep_ratio_schedule.ratios(reached - 0.06, 0.5, 1.0)[0] > 0.5
+    assert paper.keep_ratio_schedule.ratios(reached, 0.5, 1.0)[0] > 0.5
