@@ -1,6 +1,7 @@
 """The YAML configs in recipes/configs say what the README documents: every ToST config uses its model family's
-recipe (`FAMILY_RECIPES`), every Tri-Level config the setting that won (token pruning to 0.5, no example pruning, no
-attention sparsity), and no comment claims a "full recipe" that is not the one it sets. Reads the files only (no data,
+recipe (`FAMILY_RECIPES`), every Tri-Level config the setting that won in its regime (token pruning to 0.5, no
+example pruning, no attention sparsity; for runs to convergence, InfoBatch with token pruning to 0.5 on the fast
+keep-ratio schedule), and no comment claims a "full recipe" that is not the one it sets. Reads the files only (no data,
 no training), so it runs without Fashion-MNIST installed."""
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ TRI_LEVEL_CONFIGS = sorted(CONFIGS.glob("tri_level_*.yaml"))
 FAMILY_OF_MODEL_TYPE = {"sparse_vit": "vit", "resnet": "cnn"}
 # README, "Measured here": the Tri-Level setting that won `hf-sparse bench e2e`.
 TRI_LEVEL_TOKEN_KEEP_RATIO = 0.5
+# ... and the combination that won the `converged` regime (InfoBatch + tokens 0.5, keep ratio reached over 1/10).
+CONVERGED_CONFIGS = {"tri_level_fashion_mnist_converged.yaml": dict(
+    example_pruning="infobatch", infobatch_prune_ratio=0.5, infobatch_delta=0.875, sparsity_decay_fraction=0.1)}
 
 
 def field_names(*classes: type) -> set[str]:
@@ -34,6 +38,7 @@ def default_model_type() -> str:
 
 def test_there_are_configs_to_check():
     assert len(TOST_CONFIGS) >= 3 and len(TRI_LEVEL_CONFIGS) >= 3
+    assert set(CONVERGED_CONFIGS) <= {path.name for path in TRI_LEVEL_CONFIGS}
     assert set(FAMILY_OF_MODEL_TYPE) == set(MODEL_TYPES)  # a new model type must name its family here
 
 
@@ -51,10 +56,11 @@ def test_tost_configs_use_their_familys_recipe(path):
 def test_tri_level_configs_use_the_documented_default(path):
     values = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert set(values) <= field_names(ModelArguments, DataArguments, TriLevelTrainingArguments), path.name
-    default_example_pruning = next(
-        field.default for field in dataclasses.fields(TriLevelTrainingArguments) if field.name == "example_pruning")
-    assert default_example_pruning == "none"
-    assert values.get("example_pruning", default_example_pruning) == "none", path.name
+    defaults = {field.name: field.default for field in dataclasses.fields(TriLevelTrainingArguments)}
+    assert defaults["example_pruning"] == "none"
+    expected = CONVERGED_CONFIGS.get(path.name, dict(example_pruning="none"))
+    assert {name: values.get(name, defaults[name]) for name in expected} == expected, path.name
+    TriLevelTrainingArguments(output_dir="unused", **expected)  # values it accepts
     assert values.get("token_keep_ratio") == TRI_LEVEL_TOKEN_KEEP_RATIO, path.name
     assert values.get("attention_keep_ratio", 1.0) == 1.0, path.name
     assert "full recipe" not in path.read_text(encoding="utf-8").lower()

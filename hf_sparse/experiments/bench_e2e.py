@@ -71,6 +71,9 @@ VARIANTS: dict[str, Variant] = {
     "infobatch_tokens_0.5_fast_schedule": Variant(
         "InfoBatch (prune 0.5, delta 0.875) + tokens 0.5, keep ratio reached over 1/10 of training", "infobatch", 0.5,
         arguments={"sparsity_decay_fraction": 0.1}),
+    "tokens_0.5_fast_schedule_steps_of_infobatch_tokens_0.5_fast_schedule": Variant(
+        "tokens 0.5, keep ratio reached over 1/10, the steps of InfoBatch + tokens 0.5 on that schedule", "none", 0.5,
+        arguments={"sparsity_decay_fraction": 0.1}, steps_matched_to="infobatch_tokens_0.5_fast_schedule"),
     "data_infobatch_fixed_size": Variant("data: InfoBatch-like 0.3 (fixed epoch size)", "infobatch_fixed_size",
                                          inactive_fraction=0.3),
     "infobatch_fixed_size_tokens_0.7": Variant("InfoBatch-like 0.3 (fixed epoch size) + tokens 0.7",
