@@ -41,6 +41,7 @@ ENTRY_POINTS = {
     "entry_point,method,config,state_file,model_type",
     [
         ("accelerate", "tri-level", "tri_level_fashion_mnist.yaml", "example_pruning.safetensors", "sparse_vit"),
+        ("command", "tri-level", "tri_level_fashion_mnist_converged.yaml", "example_pruning.safetensors", "sparse_vit"),
         ("script", "tost", "tost_fashion_mnist.yaml", "sparsity_masks.safetensors", "sparse_vit"),
         ("command", "tost", "tost_resnet_fashion_mnist.yaml", "sparsity_masks.safetensors", "resnet"),
     ],
