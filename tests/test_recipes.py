@@ -73,11 +73,16 @@ def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_pat
                "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1", "--output_dir", str(tmp_path)]
     cli_main(command)
     rows = json.loads((tmp_path / "bench_tost.json").read_text())["rows"]
+    # the ResNet's recipe is vanilla sparse training: its "full" rows would repeat the vanilla ones
     assert {(row["family"], row["method"], row["technique"]) for row in rows} == {
-        (family, "magnitude", technique) for family in ("resnet", "sparse_vit")
-        for technique in ("vanilla", "full", "ghost_skips+label_smoothing")}
+        ("resnet", "magnitude", "vanilla"), ("resnet", "magnitude", "ghost_skips+label_smoothing"),
+        *(("sparse_vit", "magnitude", technique) for technique in ("vanilla", "full", "ghost_skips+label_smoothing"))}
     assert all(abs(row["mask_sparsity"] - 0.5) <= 0.005 for row in rows)
-    assert "vs vanilla" in capsys.readouterr().out
+    # every run records the gradient reaching its kept weights over its first steps
+    assert all(row["masked_gradient_norm"] > 0 for row in rows)
+    out = capsys.readouterr().out
+    assert "vs vanilla" in out and "grad flow" in out
+    assert "resnet: the family's recipe is vanilla sparse training" in out
     for family in ("resnet", "sparse_vit"):  # the paired deltas, a plot per family
         assert (tmp_path / f"paired_deltas_{family}.png").stat().st_size > 0
 
@@ -115,9 +120,10 @@ def test_bench_tost_writes_vanilla_and_recipe_rows_and_merges_other_runs(tmp_pat
     assert "differ in batch_size" in capsys.readouterr().err
 
 
-def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
+def test_bench_tost_combines_single_techniques_and_refuses_bad_names(monkeypatch):
     from hf_sparse.experiments.bench_tost import ToSTBenchArguments, plan_grid
     from hf_sparse.experiments.tost_grid import FAMILIES, VANILLA, technique_arguments
+    from hf_sparse.tost.arguments import FAMILY_RECIPES
 
     resnet = FAMILIES["resnet"]
     # each part switches on its own technique at the value it has alone; the rest stays vanilla
@@ -131,16 +137,46 @@ def test_bench_tost_combines_single_techniques_and_refuses_bad_names():
     assert technique_arguments("label_smoothing=0.2", resnet) == {**VANILLA, "label_smoothing": 0.2}
     assert technique_arguments("ghost_skips+label_smoothing+ghost_skip_alpha=0.5", resnet) == {
         **VANILLA, "ghost_skip_connections": True, "label_smoothing": 0.1, "ghost_skip_alpha": 0.5}
-    # a variant that is the family's recipe itself is not trained twice (label smoothing alone is the CNN recipe)
+    # a variant that repeats another is not trained twice: the CNN recipe is vanilla, so its "full" is the vanilla
+    # runs; a variant that is a family's recipe itself is its "full"
     grid = plan_grid(ToSTBenchArguments(families=["resnet", "sparse_vit"], methods=["random"], sparsities=[0.9],
                                         seeds=[42], techniques=["full", "label_smoothing", "ghost_skips"]))
     assert [(family, technique) for family, _, _, technique, _ in grid] == [
-        ("resnet", "vanilla"), ("resnet", "full"), ("resnet", "ghost_skips"),
+        ("resnet", "vanilla"), ("resnet", "label_smoothing"), ("resnet", "ghost_skips"),
         ("sparse_vit", "vanilla"), ("sparse_vit", "full"), ("sparse_vit", "label_smoothing"),
         ("sparse_vit", "ghost_skips")]
+    with monkeypatch.context() as patch:  # a variant equal to the family's recipe runs as "full" only
+        patch.setitem(FAMILY_RECIPES, "cnn", {**FAMILY_RECIPES["cnn"], "label_smoothing": 0.1})
+        grid = plan_grid(ToSTBenchArguments(families=["resnet"], methods=["random"], sparsities=[0.9], seeds=[42],
+                                            techniques=["full", "label_smoothing", "ghost_skips"]))
+        assert [technique for _, _, _, technique, _ in grid] == ["vanilla", "full", "ghost_skips"]
     for bad, message in [("ghost_skips+ghost_skips", "distinct"), ("full+ghost_skips", "neither"),
                          ("gradinit+density_init", "one rescaled"), ("skips", "neither"),
                          ("label_smoothing+label_smoothing=0.2", "distinct"), ("ghost_end_fraction=0", r"\(0, 1\]"),
                          ("sparsity=0.5", "settable: \\['label_smoothing'"), ("label_smoothing=high", "float")]:
         with pytest.raises(ValueError, match=message):
             ToSTBenchArguments(techniques=[bad])
+
+
+def test_bench_tost_gradient_flow_grid_stops_after_its_steps_and_reuses_the_masks(tmp_path, capsys):
+    small = ["--families", "resnet", "--methods", "magnitude", "--sparsities", "0.5", "--seeds", "42",
+             "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "2", "--batch_size", "16",
+             "--resnet_hidden_sizes", "8",
+             "16", "--resnet_depths", "1", "1", "--output_dir", str(tmp_path)]
+    cli_main(["bench", "tost", *small, "--techniques", "label_smoothing", "--gradient_flow_steps", "2"])
+    cli_main(["bench", "tost", *small, "--techniques", "label_smoothing", "--gradient_flow_only",
+              "--gradient_flow_steps", "2", "--json", str(tmp_path / "flow.json")])
+    out = capsys.readouterr().out
+    flow = json.loads((tmp_path / "flow.json").read_text())
+    assert flow["settings"]["gradient_flow_only"] == {"steps": 2}
+    full = json.loads((tmp_path / "bench_tost.json").read_text())
+    assert [row["optimizer_steps"] for row in full["rows"]] == [8, 8]
+    assert [row["optimizer_steps"] for row in flow["rows"]] == [2, 2]
+    # its steps are the full runs' first steps: the same gradients
+    assert [row["masked_gradient_norm"] for row in flow["rows"]] == pytest.approx(
+        [row["masked_gradient_norm"] for row in full["rows"]], rel=1e-5)
+    (smoothing,) = [row for row in flow["table"] if row["technique"] == "label_smoothing"]
+    assert smoothing["gradient_flow_ratio"] > 0 and "x" in out.split("grad flow")[-1]
+    # the diagnostic trained on the full runs' masks: one masks folder, its mask computed once
+    assert len(list((tmp_path / "masks").iterdir())) == 1
+    assert "mask_seconds" in flow and not flow["mask_seconds"]

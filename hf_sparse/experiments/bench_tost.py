@@ -42,12 +42,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..tost import TOST_MASK_METHODS, ToSTTrainer, ToSTTrainingArguments, save_masks
+from ..tost import TOST_MASK_METHODS, GradientFlowCallback, ToSTTrainer, ToSTTrainingArguments, save_masks
 from ..tost.arguments import FAMILY_RECIPES
 from .common import DataArguments, ModelArguments, TrainingClockCallback, build_model, compute_accuracy
 from .common import load_resumable, prepare_data, training_fields, write_json
 from .plots import plot_paired_deltas
-from .tost_grid import FAMILIES, REGIME_GRIDS, REGIMES, SETTABLE, TECHNIQUES, Family, Regime, check_technique
+from .tost_grid import FAMILIES, REGIME_GRIDS, REGIMES, SETTABLE, TECHNIQUES, VANILLA, Family, Regime, check_technique
 from .tost_grid import family_model, recipe_family, technique_arguments
 
 
@@ -89,6 +89,13 @@ class ToSTBenchArguments:
     merge: list[str] = field(default_factory=list, metadata={
         "help": "Results JSONs of other runs with the same settings (e.g. seeds run side by side) whose rows join "
                 "this one's before the grid runs; a row already in --json is kept."})
+    gradient_flow_steps: int = field(default=20, metadata={
+        "help": "Every run records the norm of the gradient reaching the kept weights, before clipping, averaged over "
+                "its first optimizer steps (row: masked_gradient_norm; table: 'grad flow', its ratio to vanilla's on "
+                "the same seed)."})
+    gradient_flow_only: bool = field(default=False, metadata={
+        "help": "Stop every run after those steps: a grid of the gradient flow alone, minutes instead of hours (its "
+                "settings differ, so use its own --json; the accuracies it records are those of the first steps)."})
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -105,6 +112,8 @@ class ToSTBenchArguments:
             check_technique(technique)
         if not 0 <= self.technique_seeds <= len(self.seeds):
             raise ValueError(f"`technique_seeds` must be in [0, {len(self.seeds)}], got {self.technique_seeds}.")
+        if not isinstance(self.gradient_flow_steps, int) or self.gradient_flow_steps < 1:
+            raise ValueError(f"`gradient_flow_steps` must be a positive integer, got {self.gradient_flow_steps!r}.")
 
     def family(self, name: str) -> Family:
         """The family's settings with this run's overrides."""
@@ -139,15 +148,19 @@ def _key(family: str, method: str, sparsity: float, technique: str | None = None
 
 
 def recipe_repeats(args: ToSTBenchArguments) -> dict[str, list[str]]:
-    """Per family, the variants that train exactly its recipe while "full" runs too (label smoothing alone is the CNN
-    recipe): their runs would repeat the "full" ones, so the grid leaves them out."""
+    """Per family, the variants whose runs would repeat others' while "full" runs too, so the grid leaves them out:
+    "full" itself where the family's recipe is vanilla sparse training (the CNN recipe: its figures are the vanilla
+    rows), else the variants that train exactly the recipe (their figures are the "full" rows)."""
     if "full" not in args.techniques:
         return {family: [] for family in args.families}
     repeats = {}
     for family in args.families:
-        recipe = FAMILY_RECIPES[recipe_family(args.family(family))].items()
+        recipe = FAMILY_RECIPES[recipe_family(args.family(family))]
+        if all(recipe[name] == value for name, value in VANILLA.items()):
+            repeats[family] = ["full"]
+            continue
         repeats[family] = [technique for technique in args.techniques if technique not in ("full", "vanilla")
-                           and technique_arguments(technique, args.family(family)).items() <= recipe]
+                           and technique_arguments(technique, args.family(family)).items() <= recipe.items()]
     return repeats
 
 
@@ -171,8 +184,10 @@ def _settings(args: ToSTBenchArguments, model_args: ModelArguments) -> dict[str,
     """What changes results: a JSON written with other values is not mixed with this run."""
     regime = {} if args.regime == "default" else {  # the default regime's JSONs keep their settings as they were
         "regime": {"name": args.regime, **{name: asdict(args.regime_of(name)) for name in args.families}}}
+    diagnostic = {"gradient_flow_only": {"steps": args.gradient_flow_steps}} if args.gradient_flow_only else {}
     return {
         **regime,
+        **diagnostic,
         "families": {name: asdict(args.family(name)) for name in args.families},
         "batch_size": args.batch_size, "max_eval_samples": args.max_eval_samples, "data_seed": args.data_seed,
         "mask_scope": args.mask_scope, "lottery_ticket_round_fraction": args.lottery_ticket_round_fraction,
@@ -200,8 +215,11 @@ def merge_results(results: dict[str, Any], done: set[str], paths: list[str]) -> 
 
 
 def masks_folder(args: ToSTBenchArguments, model_args: ModelArguments) -> Path:
-    """Where this run's masks are kept: named by a hash of the settings, so other settings never reuse them."""
-    digest = hashlib.sha256(json.dumps(_settings(args, model_args), sort_keys=True).encode()).hexdigest()[:12]
+    """Where this run's masks are kept: named by a hash of the settings, so other settings never reuse them (a
+    gradient-flow grid uses the masks of the full runs)."""
+    settings = _settings(args, model_args)
+    settings.pop("gradient_flow_only", None)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return Path(args.output_dir) / "masks" / digest
 
 
@@ -224,8 +242,9 @@ def run_one(args, family: Family, data, model_args, cell: tuple, masks: Path) ->
     model_args = family_model(family, model_args)
     model = build_model(model_args, data, seed)  # the same initial weights for every variant of a seed
     clock = TrainingClockCallback()
+    flow = GradientFlowCallback(args.gradient_flow_steps, stop_after=args.gradient_flow_only)
     trainer = ToSTTrainer(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-                          compute_metrics=compute_accuracy, callbacks=[clock])
+                          compute_metrics=compute_accuracy, callbacks=[clock, flow])
     start = time.perf_counter()
     trainer.train()
     setup = trainer.sparsity_setup
@@ -251,6 +270,7 @@ def run_one(args, family: Family, data, model_args, cell: tuple, masks: Path) ->
         "optimizer_steps": trainer.state.global_step,
         "ghost_removed_at_step": trainer.ghost_removed_at_step,
         "last_logged_loss": losses[-1] if losses else None,
+        "masked_gradient_norm": flow.mean,
     }
     return row, (setup["mask_seconds"] if computed_mask else None)
 
@@ -258,7 +278,8 @@ def run_one(args, family: Family, data, model_args, cell: tuple, masks: Path) ->
 def summarize(rows: list[dict[str, Any]], mask_seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One entry per (family, method, sparsity, technique): mean and standard deviation of the test accuracy over
     its seeds, mean training seconds, and against the vanilla runs of the same seeds the paired deltas
-    (`accuracy_delta_points`: their mean, `delta_std`: their standard deviation) and the time `overhead`."""
+    (`accuracy_delta_points`: their mean, `delta_std`: their standard deviation), the time `overhead` and
+    `gradient_flow_ratio` (the mean over seeds of the run's `masked_gradient_norm` over vanilla's, where recorded)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_key(row["family"], row["method"], row["sparsity"], row["technique"]), []).append(row)
@@ -272,6 +293,8 @@ def summarize(rows: list[dict[str, Any]], mask_seconds: dict[str, float] | None 
         accuracies = [run["test_accuracy"] for run in runs]
         masks = [mask_seconds[k] for k in (_key(*cell, None, run["seed"]) for run in runs)
                  if mask_seconds and k in mask_seconds]
+        flows = [a["masked_gradient_norm"] / b["masked_gradient_norm"] for a, b in paired
+                 if a.get("masked_gradient_norm") and b.get("masked_gradient_norm")]
         summary.append({
             "family": first["family"],
             "method": first["method"],
@@ -287,6 +310,7 @@ def summarize(rows: list[dict[str, Any]], mask_seconds: dict[str, float] | None 
             "deltas": deltas,
             "overhead": sum(a["train_seconds"] for a, _ in paired) / sum(b["train_seconds"] for _, b in paired) - 1.0
             if paired else None,
+            "gradient_flow_ratio": statistics.mean(flows) if flows else None,
         })
     return summary
 
@@ -300,7 +324,7 @@ def wins(summary: list[dict[str, Any]], family: str, technique: str = "full") ->
 
 def format_table(summary: list[dict[str, Any]]) -> str:
     lines = [f"{'family':<10} {'method':<15} {'sparsity':>8} {'technique':<16} {'seeds':>5} {'test acc %':>13} "
-             f"{'vs vanilla':>12} {'train s':>8} {'overhead':>9} {'mask s':>7}"]
+             f"{'vs vanilla':>12} {'train s':>8} {'overhead':>9} {'mask s':>7} {'grad flow':>9}"]
     for row in summary:
         accuracy = f"{100 * row['test_accuracy']:.2f}"
         if row["test_accuracy_std"] is not None:
@@ -310,9 +334,11 @@ def format_table(summary: list[dict[str, Any]]) -> str:
             delta += f"±{row['delta_std']:.2f}"
         overhead = "" if row["overhead"] is None else f"{100 * row['overhead']:+.1f}%"
         mask = "" if row["mask_seconds"] is None else f"{row['mask_seconds']:.1f}"
+        flow = "" if row.get("gradient_flow_ratio") is None else f"{row['gradient_flow_ratio']:.2f}x"
         lines.append(
             f"{row['family']:<10} {row['method']:<15} {row['sparsity']:>8.2f} {row['technique']:<16} "
-            f"{len(row['seeds']):>5} {accuracy:>13} {delta:>12} {row['train_seconds']:>8.1f} {overhead:>9} {mask:>7}"
+            f"{len(row['seeds']):>5} {accuracy:>13} {delta:>12} {row['train_seconds']:>8.1f} {overhead:>9} {mask:>7} "
+            f"{flow:>9}"
         )
     return "\n".join(lines)
 
@@ -333,7 +359,9 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         write_json(path, results)
     grid = plan_grid(args)
     for family_name, same in recipe_repeats(args).items():
-        if same:
+        if same == ["full"]:
+            print(f"{family_name}: the family's recipe is vanilla sparse training; its figures are the vanilla rows.")
+        elif same:
             print(f"{family_name}: {', '.join(same)} is the family's recipe itself; its figures are the 'full' rows.")
     selected = {_key(*cell) for cell in grid}
     data = {}
@@ -368,9 +396,10 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         family = args.family(family_name)
         won, compared = wins(summary, family_name)
         regime = "" if args.regime == "default" else f", regime {args.regime}"
+        verdict = f"; the full recipe wins {won} of {compared} pairs" if compared else ""
         print(f"\n{family_name}: Fashion-MNIST ({family.max_train_samples or 'all'} training images{regime}), "
               f"{family.epochs:g} epochs, {args.mask_scope} masks; accuracy mean±std over seeds, 'vs vanilla' the "
-              f"mean±std of the paired deltas in points; the full recipe wins {won} of {compared} pairs:")
+              f"mean±std of the paired deltas in points{verdict}:")
         family_rows = [row for row in summary if row["family"] == family_name]
         print(format_table(family_rows))
         if not any(row["technique"] != "vanilla" and row["deltas"] for row in family_rows):

@@ -18,6 +18,7 @@ from .ghosts import (
     attach_ghost_skips,
     identity_like,
 )
+from .gradient_flow import GradientFlowCallback
 from .label_smoothing import label_smoothing_epsilon, smoothed_cross_entropy
 from .masks import (
     DEFAULT_PRUNABLE_PATTERNS,
@@ -66,6 +67,7 @@ __all__ = [
     "GhostSchedule",
     "GhostSkips",
     "GradInitReport",
+    "GradientFlowCallback",
     "MaskCallback",
     "MaskConfig",
     "ToSTTrainer",

@@ -92,6 +92,11 @@ class ToSTTrainer(SparseTrainer):
             single_label = getattr(getattr(model, "config", None), "problem_type", None) in (
                 None, "single_label_classification")
             args.apply_family_recipe(self.family, single_label=single_label)
+            if not (args.ghost_soft_neurons or args.ghost_skip_connections or args.label_smoothing
+                    or args.rescaled_init != "none"):
+                logger.info("ToST: every technique is off (vanilla sparse training with the mask): the measured recipe "
+                            "of the %s family, or your settings. Set ghost_soft_neurons, ghost_skip_connections, "
+                            "rescaled_init or label_smoothing to use them.", self.family)
         super().__init__(model=model, args=args, **kwargs)
         self._check_sharding()
         config = getattr(self.unwrapped_model, "config", None)
