@@ -177,6 +177,8 @@ def test_bench_tost_gradient_flow_grid_stops_after_its_steps_and_reuses_the_mask
         [row["masked_gradient_norm"] for row in full["rows"]], rel=1e-5)
     (smoothing,) = [row for row in flow["table"] if row["technique"] == "label_smoothing"]
     assert smoothing["gradient_flow_ratio"] > 0 and "x" in out.split("grad flow")[-1]
+    assert "the accuracies are after 2 steps" in out  # and no plot of their deltas
+    assert [path.name for path in tmp_path.glob("*.png")] == ["paired_deltas_resnet.png"]  # the full runs' only
     # the diagnostic trained on the full runs' masks: one masks folder, its mask computed once
     assert len(list((tmp_path / "masks").iterdir())) == 1
     assert "mask_seconds" in flow and not flow["mask_seconds"]

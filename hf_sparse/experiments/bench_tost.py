@@ -402,6 +402,10 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
               f"mean±std of the paired deltas in points{verdict}:")
         family_rows = [row for row in summary if row["family"] == family_name]
         print(format_table(family_rows))
+        if args.gradient_flow_only:
+            print(f"(a gradient-flow grid: the accuracies are after {args.gradient_flow_steps} steps; the last column "
+                  "is what it measures)")
+            continue
         if not any(row["technique"] != "vanilla" and row["deltas"] for row in family_rows):
             continue  # vanilla only (e.g. a dense reference): no deltas to plot
         plot = Path(args.output_dir) / f"paired_deltas_{family_name}.png"
