@@ -300,15 +300,22 @@ def test_a_tost_card_with_only_label_smoothing_on_says_label_smoothing_and_not_g
 
     from tri_level_helpers import tiny_resnet
 
-    # the CNN family's recipe: label smoothing alone (ghosts, GradInit and density rescaling off)
-    args = ToSTTrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, report_to=[],
-                                 use_cpu=True, mask_method="magnitude", sparsity=0.5, disable_tqdm=True)
-    trainer = ToSTTrainer(model=tiny_resnet(), args=args, train_dataset=with_tiny_transform(tiny_image_dataset(16)))
-    trainer.setup_sparsity()
-    summary, labels = card_summary_and_rows(hf_sparse.hub.build_model_card(trainer.model, trainer.training_report()))
+    def card(**technique):
+        args = ToSTTrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8,
+                                     report_to=[], use_cpu=True, mask_method="magnitude", sparsity=0.5,
+                                     disable_tqdm=True, **technique)
+        trainer = ToSTTrainer(model=tiny_resnet(), args=args, train_dataset=with_tiny_transform(tiny_image_dataset(16)))
+        trainer.setup_sparsity()
+        return card_summary_and_rows(hf_sparse.hub.build_model_card(trainer.model, trainer.training_report()))
+
+    # label smoothing alone on a ResNet (ghosts, GradInit and density rescaling off: the CNN recipe's)
+    summary, labels = card(label_smoothing=0.1)
     assert "label smoothing 0.1" in summary and "50 %-sparse weight mask (magnitude)" in summary
     assert "ghost" not in summary and "rescaled init" not in summary
     assert len(labels) == len(set(labels)) and "mask method" not in labels and "weight mask method" in labels
+    # the CNN recipe itself is vanilla sparse training: the card does not claim ToST's recipe
+    summary, _ = card()
+    assert "vanilla sparse training" in summary and "ToST recipe" not in summary
 
 
 def test_a_tri_level_card_with_token_pruning_alone_names_only_token_pruning(tmp_path):

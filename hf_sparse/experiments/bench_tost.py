@@ -29,6 +29,9 @@ so the runs differ only by the technique. Training time counts the rescaled init
 cost) and excludes evaluation. Rows are written to the JSON as they finish and a rerun skips those already there
 (same settings), so the grid survives being stopped. Runs are sequential; to use both cores, run parts of the grid
 (seeds, methods) into their own `--json` side by side and join them with `--merge`.
+
+Every run also records the gradient reaching the kept weights over its first steps (`GradientFlowCallback`): what
+ToST's techniques are meant to raise. `--gradient_flow_only` stops each run there, for that measurement alone.
 """
 
 from __future__ import annotations
@@ -411,8 +414,8 @@ def main(args: ToSTBenchArguments, model_args: ModelArguments) -> list[dict[str,
         plot = Path(args.output_dir) / f"paired_deltas_{family_name}.png"
         try:  # a side artefact: the results are already written
             plot_paired_deltas(family_rows, str(plot),
-                               f"{family_name}: change against vanilla sparse training (dots: seeds, bars: mean); "
-                               f"the recipe wins {won} of {compared} pairs")
+                               f"{family_name}: change against vanilla sparse training (dots: seeds, bars: mean)"
+                               + (f"; the recipe wins {won} of {compared} pairs" if compared else ""))
             print(f"Plot: {plot}")
         except Exception as error:  # noqa: BLE001
             print(f"warning: the plot {plot} was not written ({type(error).__name__}: {error})")
