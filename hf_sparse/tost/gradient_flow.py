@@ -23,7 +23,7 @@ class GradientFlowCallback(TrainerCallback):
         self.steps = steps
         self.stop_after = stop_after
         self.norms: list[float] = []
-        self._squares: dict[str, float] = {}
+        self._squares: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     @property
@@ -41,13 +41,14 @@ class GradientFlowCallback(TrainerCallback):
 
     def _recorder(self, name: str, kept: torch.Tensor):
         def record(weight: torch.Tensor) -> None:
-            # the accumulated gradient so far: the last micro-batch of the step leaves the step's total
-            self._squares[name] = weight.grad.detach().masked_select(kept.to(weight.grad.device)).pow(2).sum().item()
+            # the accumulated gradient so far: the last micro-batch of the step leaves the step's total (kept as a
+            # tensor: one device sync a step, in on_pre_optimizer_step, not one a layer)
+            self._squares[name] = weight.grad.detach().masked_select(kept.to(weight.grad.device)).pow(2).sum()
         return record
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._handles and self._squares:
-            self.norms.append(sum(self._squares.values()) ** 0.5)
+            self.norms.append(torch.stack(list(self._squares.values())).sum().sqrt().item())
             self._squares.clear()
         if len(self.norms) >= self.steps:
             self._remove_hooks()
